@@ -1,0 +1,27 @@
+"""raybranch: compressed per-step checkpoints, clean and poisoned branches, rollback before a bad slice.
+
+    import raybranch as rb
+    store = rb.open_store("file:///tmp/ckpts")
+    ckpt = rb.Checkpointer(store, run="exp1", branch="main", bits=3)
+    ckpt.save(step, model, optimizer)
+    state = ckpt.restore(step)
+"""
+from .checkpoint.checkpointer import Checkpointer, open_checkpointer
+from .checkpoint.restore import Reader
+from .checkpoint.state import set_rng
+from .errors import CorruptBlobError, NonFiniteError, NotFoundError, RaybranchError, StoreError
+from .store.store import Store, open_store
+
+__all__ = [
+    "Checkpointer",
+    "CorruptBlobError",
+    "NonFiniteError",
+    "NotFoundError",
+    "RaybranchError",
+    "Reader",
+    "Store",
+    "StoreError",
+    "open_checkpointer",
+    "open_store",
+    "set_rng",
+]

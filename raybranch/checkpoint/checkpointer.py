@@ -1,0 +1,341 @@
+"""Checkpointer: a compressed checkpoint of a branch at every step, restorable at any step.
+
+    ckpt = Checkpointer(store, run="exp1", branch="main", bits=3)
+    ckpt.save(step, model, optimizer=None, extra=None)   # -> "exp1/main/<step>"
+    state = ckpt.restore(step=None)                       # latest if None
+    ckpt.log()                                            # every committed checkpoint
+
+Per checkpoint, floating-point model tensors (the *lossy group*) are LC-coded against the
+previous reconstruction (:mod:`raybranch.codec.delta`); integer buffers, tensors under
+``min_lossy_numel`` entries, names matching ``exact`` and (by default) optimizer state are
+stored losslessly, and only when they changed. The first checkpoint of a branch is an exact
+snapshot; later snapshots only when ``snapshot_every`` asks for them (a snapshot is a cache of a
+reconstruction the deltas already determine: it bounds restore time and costs ratio, see
+DESIGN.md). Every ``segment_size`` delta checkpoints are compacted into one segment blob
+(:mod:`raybranch.checkpoint.compact`), which removes per-file overhead and recompresses the
+streams with a slower, stronger zstd level.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+
+import torch
+
+from ..codec.delta import DeltaEncoder
+from ..codec.lc import LCParams
+from ..codec.streams import encode_exact
+from ..errors import NonFiniteError, RaybranchError
+from ..store.blob import Row, write_blob
+from ..store.store import Store, json_bytes, open_store
+from . import state as st
+from .compact import compact_branch
+from .manifest import MANIFEST_FORMAT, RunIndex, check_name, manifest_path, seal
+from .restore import Reader
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        store: Store | str,
+        run: str,
+        branch: str = "main",
+        *,
+        bits: int = 3,
+        granularity: str = "global",
+        value: str = "mean",
+        snapshot_every: int | None = None,
+        segment_size: int = 64,
+        exact: tuple[str, ...] | list[str] = (),
+        min_lossy_numel: int = 8,
+        optimizer_codec: str = "exact",
+        save_rng: bool | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.store = open_store(store) if isinstance(store, str) else store
+        self.run = check_name("run", run)
+        self.branch = check_name("branch", branch)
+        self.params = LCParams(bits=bits, granularity=granularity, value=value)
+        if snapshot_every is not None and snapshot_every < 1:
+            raise RaybranchError(f"snapshot_every must be a positive number of checkpoints, got {snapshot_every}")
+        if segment_size < 0:
+            raise RaybranchError(f"segment_size must be >= 0 (0 = never compact), got {segment_size}")
+        if optimizer_codec not in ("exact", "lc"):
+            raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
+        self.snapshot_every = snapshot_every
+        self.segment_size = segment_size
+        self.exact_patterns = [re.compile(p) for p in exact]
+        self.min_lossy_numel = min_lossy_numel
+        self.optimizer_codec = optimizer_codec
+        self.save_rng = save_rng
+        self.device = torch.device(device) if device is not None else None
+        self.index = RunIndex(self.store, self.run)
+        self.reader = Reader(self.store, self.run, self.index)
+        self._encoders: dict[str, DeltaEncoder] = {}
+        self._layout_hash: str | None = None
+        self._last_exact: dict[str, torch.Tensor] = {}
+        self._head: dict | None = None
+        self._loaded = False
+        self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
+
+    # -- public API ---------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None, snapshot: bool = False) -> str:
+        """Commit a checkpoint of ``model`` (module or state_dict) at ``step``; returns its id.
+
+        Nothing is written when any tensor holds NaN/Inf (:class:`NonFiniteError`) or when the
+        step does not come after the branch's head.
+        """
+        self._load_head()
+        step = int(step)
+        if self._head is not None and step <= self._head["step"]:
+            raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._head['step']})")
+        tensors, meta = self._collect(model, optimizer, extra)
+        layout, groups, exact_names = self._layout(tensors)
+        flats = {g: torch.cat([tensors[n].reshape(-1).float() for n in names]) for g, names in groups.items()}
+        for n in exact_names:
+            t = tensors[n]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"tensor {n!r} holds NaN or Inf at step {step}; nothing was saved")
+
+        layout_hash = self._put_layout(layout)
+        depth = 0 if self._head is None else self._head["depth"] + 1
+        is_snapshot = (
+            snapshot
+            or self._head is None
+            or layout_hash != self._layout_hash
+            or (self.snapshot_every is not None and depth >= self.snapshot_every)
+        )
+        t0 = time.perf_counter()
+        rows: list[Row] = []
+        pending: dict[str, torch.Tensor] = {}
+        if is_snapshot:
+            depth = 0
+            for g, flat in flats.items():
+                if not bool(torch.isfinite(flat).all()):
+                    bad = next(n for n in groups[g] if not bool(torch.isfinite(tensors[n]).all()))
+                    raise NonFiniteError(f"tensor {bad!r} holds NaN or Inf at step {step}; nothing was saved")
+                arr = flat.cpu().numpy()
+                rows.append(Row(step, g, "recon", "float32", (arr.size,), encode_exact(arr)))
+        else:
+            for g, flat in flats.items():
+                payload, tables, q = self._encoders[g].encode(flat)
+                pending[g] = q
+                rows.append(Row(step, g, "lc", "float32", (flat.numel(),), payload, tables))
+                self.timings["lossy_bytes"] += flat.numel() * 4
+        changed = {}
+        for n in exact_names:
+            t = tensors[n]
+            prev = self._last_exact.get(n)
+            if is_snapshot or prev is None or prev.shape != t.shape or not torch.equal(prev, t.to(prev.device)):
+                changed[n] = t
+                rows.append(Row(step, n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t))))
+        self.timings["encode_s"] += time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        blob = write_blob(rows, {"run": self.run, "branch": self.branch, "step": step})
+        h, size = self.store.put_blob(self.run, blob)
+        entry = {
+            "format": MANIFEST_FORMAT,
+            "run": self.run,
+            "branch": self.branch,
+            "step": step,
+            "kind": "snapshot" if is_snapshot else "delta",
+            "parent": None if self._head is None else [self._head["branch"], self._head["step"]],
+            "depth": depth,
+            "codec": self.params.to_json(),
+            "layout": layout_hash,
+            "blob": [h, size],
+            "slices": list(slices or []),
+            "tags": list(tags or []),
+            "meta": meta,
+            "time": round(time.time(), 3),
+        }
+        doc = seal(entry)
+        self.store.write_json(manifest_path(self.run, self.branch, step), doc)  # the commit
+        self.timings["write_s"] += time.perf_counter() - t1
+
+        # in-memory state advances only after the commit
+        if is_snapshot or layout_hash != self._layout_hash:
+            self._reset_encoders(layout, flats)
+        else:
+            for g, q in pending.items():
+                self._encoders[g].advance(q)
+        self._layout_hash = layout_hash
+        for n, t in changed.items():
+            self._last_exact[n] = t.detach().clone()
+        self._head = {**doc, "file": manifest_path(self.run, self.branch, step)}
+        self.index.add(self._head)
+        if self.segment_size and not is_snapshot:
+            t2 = time.perf_counter()
+            compact_branch(self.store, self.index, self.branch, self.segment_size)
+            self.timings["compact_s"] += time.perf_counter() - t2
+        return f"{self.run}/{self.branch}/{step}"
+
+    def restore(self, step: int | None = None, branch: str | None = None) -> dict:
+        """{"model": state_dict, "optimizer": state_dict | None, "extra": …, "rng": …, "step": …}."""
+        return self.reader.restore(branch or self.branch, step)
+
+    def log(self, branch: str | None = None) -> list[dict]:
+        """Every committed checkpoint of the branch, oldest first (fork points included)."""
+        entries = self.index.entries(branch or self.branch, refresh=True)
+        return [log_record(e) for e in entries.values()]
+
+    def head(self) -> dict | None:
+        self._load_head()
+        return None if self._head is None else log_record(self._head)
+
+    def fork(self, branch: str, step: int | None = None, **overrides) -> "Checkpointer":
+        """A new branch whose history is this branch up to ``step`` (shared, not copied)."""
+        check_name("branch", branch)
+        src = self.index.get(self.branch, step)
+        if self.index.entries(branch, refresh=True):
+            raise RaybranchError(f"branch {branch!r} already exists in run {self.run!r}")
+        ref = seal(
+            {
+                "format": MANIFEST_FORMAT,
+                "run": self.run,
+                "branch": branch,
+                "step": src["step"],
+                "kind": "ref",
+                "parent": [src["branch"], src["step"]],
+                "depth": src["depth"],
+                "codec": src["codec"],
+                "layout": src["layout"],
+                "blob": None,
+                "slices": [],
+                "tags": ["fork"],
+                "meta": src.get("meta", {}),
+                "time": round(time.time(), 3),
+            }
+        )
+        self.store.write_json(manifest_path(self.run, branch, src["step"]), ref)
+        self.index.add({**ref, "file": manifest_path(self.run, branch, src["step"])})
+        kwargs = dict(
+            bits=self.params.bits, granularity=self.params.granularity, value=self.params.value,
+            snapshot_every=self.snapshot_every, segment_size=self.segment_size,
+            exact=[p.pattern for p in self.exact_patterns], min_lossy_numel=self.min_lossy_numel,
+            optimizer_codec=self.optimizer_codec, save_rng=self.save_rng, device=self.device,
+        )
+        kwargs.update(overrides)
+        return Checkpointer(self.store, self.run, branch, **kwargs)
+
+    def flush(self) -> None:
+        """Compact what can be compacted now (the tail shorter than a segment stays loose)."""
+        if self.segment_size:
+            compact_branch(self.store, self.index, self.branch, self.segment_size)
+
+    def close(self, compact_tail: bool = True) -> None:
+        """Compact every loose delta, the tail included (end of a run)."""
+        if self.segment_size and compact_tail:
+            compact_branch(self.store, self.index, self.branch, self.segment_size, tail=True)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _collect(self, model, optimizer, extra) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = st.model_tensors(model)
+        for k in tensors:
+            if k.split("/", 1)[0] in ("optim", "rng", "extra"):
+                raise RaybranchError(f"model state key {k!r} clashes with raybranch's reserved prefixes")
+        meta: dict = {}
+        if optimizer is not None:
+            ot, om = st.optimizer_tensors(optimizer)
+            tensors.update(ot)
+            meta["optimizer"] = om
+        if self.save_rng if self.save_rng is not None else optimizer is not None:
+            rt, rm = st.rng_tensors()
+            tensors.update(rt)
+            meta["rng"] = rm
+        if extra:
+            et, em = st.extra_tensors(extra)
+            tensors.update(et)
+            meta["extra"] = em
+        return tensors, meta
+
+    def _is_lossy(self, name: str, t: torch.Tensor) -> bool:
+        if not t.is_floating_point() or t.numel() < self.min_lossy_numel:
+            return False
+        if name.startswith(("rng/", "extra/")):
+            return False
+        if name.startswith("optim/") and self.optimizer_codec != "lc":
+            return False
+        return not any(p.search(name) for p in self.exact_patterns)
+
+    def _layout(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, list[str]], list[str]]:
+        groups: dict[str, list[str]] = {}
+        exact: list[str] = []
+        for n, t in tensors.items():
+            if self._is_lossy(n, t):
+                groups.setdefault("optim" if n.startswith("optim/") else "model", []).append(n)
+            else:
+                exact.append(n)
+        layout = {
+            "groups": {
+                g: {
+                    "names": names,
+                    "shapes": [list(tensors[n].shape) for n in names],
+                    "dtypes": [st.dtype_name(tensors[n].dtype) for n in names],
+                    "sizes": [tensors[n].numel() for n in names],
+                }
+                for g, names in groups.items()
+            },
+            "exact": exact,
+            "model_keys": [n for n in tensors if not n.startswith(("optim/", "rng/", "extra/"))],
+        }
+        return layout, groups, exact
+
+    def _put_layout(self, layout: dict) -> str:
+        data = json_bytes(layout)
+        h = hashlib.sha256(data).hexdigest()
+        if h != self._layout_hash:
+            rel = f"{self.run}/layouts/{h}.json"
+            if not self.store.exists(rel):
+                self.store.write_bytes(rel, data)
+        return h
+
+    def _reset_encoders(self, layout: dict, flats: dict[str, torch.Tensor]) -> None:
+        self._encoders = {}
+        for g, group in layout["groups"].items():
+            dev = self.device or flats[g].device
+            enc = DeltaEncoder(group["names"], group["sizes"], self.params, dev)
+            enc.reset(flats[g])
+            self._encoders[g] = enc
+
+    def _load_head(self) -> None:
+        """Continue an existing branch: rebuild the encoders' reconstructions from the store."""
+        if self._loaded:
+            return
+        self._loaded = True
+        entries = self.index.entries(self.branch, refresh=True)
+        if not entries:
+            return
+        head = entries[max(entries)]
+        acc, exact, layout, last = self.reader.recon(self.branch, head["step"])
+        flats = {g: torch.from_numpy(a) for g, a in acc.items()}
+        self._reset_encoders(layout, flats)
+        self._layout_hash = last["layout"]
+        self._last_exact = {k: v for k, v in exact.items()}
+        self._head = {**head, "depth": head["depth"]}
+
+
+def log_record(e: dict) -> dict:
+    """What ``log()`` and ``raybranch log`` show of a checkpoint."""
+    return {
+        "id": f"{e['run']}/{e['branch']}/{e['step']}",
+        "branch": e["branch"],
+        "step": e["step"],
+        "kind": e["kind"],
+        "parent": e["parent"],
+        "depth": e["depth"],
+        "bytes": 0 if e["blob"] is None else e["blob"][1],
+        "slices": e.get("slices", []),
+        "tags": e.get("tags", []),
+        "time": e.get("time"),
+        "compacted": "segment" in e,
+    }
+
+
+def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Checkpointer:
+    return Checkpointer(open_store(uri), run, branch, **kwargs)
+
+
+__all__ = ["Checkpointer", "log_record", "open_checkpointer"]

@@ -1,0 +1,181 @@
+"""Restore: the nearest snapshot plus the LC deltas after it → the exact reconstruction ũ_t.
+
+For each lossy group, acc = ũ_snapshot (exact float32), then for every delta on the chain, in
+order, acc ← acc + Q(δ) (:func:`raybranch.codec.delta.apply_delta`) — the same float32 adds the
+encoder made, so the result equals the encoder's reconstruction bit for bit. Exact tensors are
+taken from the newest checkpoint on the chain that stored them (unchanged ones are not re-stored).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..codec.delta import apply_delta
+from ..codec.lc import LCParams
+from ..codec.streams import decode_exact
+from ..errors import CorruptBlobError, NotFoundError
+from ..store.blob import Row, read_blob
+from ..store.store import Store, json_bytes
+from . import state as st
+from .manifest import RunIndex
+
+
+class BlobCache:
+    """Parsed blobs by hash, rows grouped by step (a compacted segment is read and parsed once)."""
+
+    def __init__(self, store: Store, run: str, capacity: int = 64):
+        self.store, self.run, self.capacity = store, run, capacity
+        self._rows: OrderedDict[str, dict[int, list[Row]]] = OrderedDict()
+
+    def rows(self, blob: list) -> dict[int, list[Row]]:
+        h, size = blob
+        if h not in self._rows:
+            rows, _ = read_blob(self.store.get_blob(self.run, h, size), f"blob {h}")
+            by_step: dict[int, list[Row]] = {}
+            for r in rows:
+                by_step.setdefault(r.step, []).append(r)
+            self._rows[h] = by_step
+            while len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
+        self._rows.move_to_end(h)
+        return self._rows[h]
+
+    def prefetch(self, blobs: list[list]) -> None:
+        todo = list({b[0]: b for b in blobs if b[0] not in self._rows}.values())
+        if len(todo) > 1 and not self.store.loc.is_local:
+            with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+                list(pool.map(self.rows, todo))
+
+
+class Layouts:
+    def __init__(self, store: Store, run: str):
+        self.store, self.run = store, run
+        self._docs: dict[str, dict] = {}
+
+    def get(self, h: str) -> dict:
+        if h not in self._docs:
+            try:
+                doc = self.store.read_json(f"{self.run}/layouts/{h}.json")
+            except NotFoundError:
+                raise NotFoundError(f"layout {h[:16]}… of run {self.run!r} is missing") from None
+            if hashlib.sha256(json_bytes(doc)).hexdigest() != h:
+                raise CorruptBlobError(f"layout {self.run}/layouts/{h}.json is corrupt: its sha256 does not match its name")
+            self._docs[h] = doc
+        return self._docs[h]
+
+
+def seg_offsets(layout_group: dict, params: LCParams) -> np.ndarray | None:
+    if params.granularity != "tensor" or len(layout_group["sizes"]) < 2:
+        return None
+    return np.concatenate([[0], np.cumsum(layout_group["sizes"])[:-1]]).astype(np.int64)
+
+
+def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict]:
+    """(flat reconstructions per lossy group, exact tensors, layout) of the chain's last entry."""
+    blobs.prefetch([e["blob"] for e in chain])
+    layout = layouts.get(chain[-1]["layout"])
+    snap = chain[0]
+    snap_rows = _rows_of(blobs, snap)
+    acc: dict[str, np.ndarray] = {}
+    for r in snap_rows:
+        if r.kind == "recon":
+            acc[r.name] = np.array(decode_exact(r.payload, np.float32, r.shape), copy=True)
+    for g in layout["groups"]:
+        if g not in acc:
+            raise CorruptBlobError(f"snapshot {snap['branch']}/{snap['step']} lacks group {g!r}")
+    for i, e in enumerate(chain[1:]):
+        params = LCParams.from_json(e["codec"])
+        for r in _rows_of(blobs, e):
+            if r.kind != "lc":
+                continue
+            group = layout["groups"][r.name]
+            offs = seg_offsets(group, params)
+            tables = r.table.reshape(-1, params.levels)
+            try:
+                apply_delta(acc[r.name], r.payload, tables, offs, first=(i == 0))
+            except (ValueError, IndexError) as exc:
+                raise CorruptBlobError(f"delta of {e['branch']}/{e['step']} group {r.name!r} cannot be decoded: {exc}") from None
+    exact: dict[str, torch.Tensor] = {}
+    for e in reversed(chain):
+        for r in _rows_of(blobs, e):
+            if r.kind == "exact" and r.name not in exact:
+                arr = decode_exact(r.payload, st.numpy_storage_dtype(r.dtype), r.shape)
+                exact[r.name] = st.from_numpy(arr, r.dtype, r.shape)
+    missing = [n for n in layout["exact"] if n not in exact]
+    if missing:
+        raise CorruptBlobError(f"checkpoint {chain[-1]['branch']}/{chain[-1]['step']} lacks exact tensors {missing[:3]}")
+    return acc, exact, layout
+
+
+def _rows_of(blobs: BlobCache, entry: dict) -> list[Row]:
+    rows = blobs.rows(entry["blob"]).get(entry["step"])
+    if rows is None:
+        raise CorruptBlobError(f"blob {entry['blob'][0][:16]}… holds no rows for step {entry['step']}")
+    return rows
+
+
+def group_tensors(flat: np.ndarray, group: dict) -> dict[str, torch.Tensor]:
+    out, off = {}, 0
+    t = torch.from_numpy(flat)
+    for name, shape, dtype, size in zip(group["names"], group["shapes"], group["dtypes"], group["sizes"]):
+        out[name] = t[off : off + size].reshape(shape).to(st.dtype_from_name(dtype), copy=True)
+        off += size
+    return out
+
+
+def assemble(acc: dict[str, np.ndarray], exact: dict[str, torch.Tensor], layout: dict, meta: dict) -> dict:
+    """The user-facing restored state: model state_dict in its original key order, optimizer, …"""
+    tensors = dict(exact)
+    for g, group in layout["groups"].items():
+        tensors.update(group_tensors(acc[g], group))
+    model = OrderedDict((k, tensors[k]) for k in layout["model_keys"])
+    optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng/")}
+    extra_t = {k: v for k, v in tensors.items() if k.startswith("extra/")}
+    return {
+        "model": model,
+        "optimizer": st.optimizer_state_dict(optim, meta["optimizer"]) if "optimizer" in meta else None,
+        "rng": {"tensors": rng, "meta": meta["rng"]} if "rng" in meta else None,
+        "extra": st.extra_from(extra_t, meta.get("extra", {})),
+    }
+
+
+class Reader:
+    """Restores any committed checkpoint of a run (no Ray, no training state needed)."""
+
+    def __init__(self, store: Store, run: str, index: RunIndex | None = None):
+        self.store = store
+        self.run = run
+        self.index = index or RunIndex(store, run)
+        self.blobs = BlobCache(store, run)
+        self.layouts = Layouts(store, run)
+
+    def restore(self, branch: str, step: int | None = None) -> dict:
+        try:
+            return self._restore(branch, step)
+        except NotFoundError:
+            # a concurrent compaction may have moved manifests into a segment: look once more
+            self.index.entries(branch, refresh=True)
+            return self._restore(branch, step)
+
+    def _restore(self, branch: str, step: int | None) -> dict:
+        target = self.index.get(branch, step)
+        chain = self.index.chain(branch, target["step"])
+        acc, exact, layout = decode_chain(chain, self.blobs, self.layouts)
+        out = assemble(acc, exact, layout, chain[-1].get("meta", {}))
+        out.update(step=target["step"], branch=branch, run=self.run, manifest=_public(target))
+        return out
+
+    def recon(self, branch: str, step: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict, dict]:
+        """Raw reconstruction state (for continuing a chain): flats, exact tensors, layout, last entry."""
+        chain = self.index.chain(branch, step)
+        acc, exact, layout = decode_chain(chain, self.blobs, self.layouts)
+        return acc, exact, layout, chain[-1]
+
+
+def _public(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ("file", "segment")}
