@@ -91,7 +91,7 @@ class Checkpointer:
         if self._head is not None and step <= self._head["step"]:
             raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._head['step']})")
         tensors, meta = self._collect(model, optimizer, extra)
-        layout, groups, exact_names = self._layout(tensors)
+        layout, groups, exact_names = self._layout(tensors, _buffer_names(model))
         flats = {g: torch.cat([tensors[n].reshape(-1).float() for n in names]) for g, names in groups.items()}
         for n in exact_names:
             t = tensors[n]
@@ -260,12 +260,16 @@ class Checkpointer:
             return False
         return not any(p.search(name) for p in self.exact_patterns)
 
-    def _layout(self, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, list[str]], list[str]]:
+    def _layout(self, tensors: dict[str, torch.Tensor], buffers: set[str]) -> tuple[dict, dict[str, list[str]], list[str]]:
+        """Lossy groups: "model" (parameters), "buffers" (float buffers such as BatchNorm running
+        statistics, whose scale has nothing to do with the weights': global buckets over both
+        would spend every bucket on the statistics), "optim" (opt-in)."""
         groups: dict[str, list[str]] = {}
         exact: list[str] = []
         for n, t in tensors.items():
             if self._is_lossy(n, t):
-                groups.setdefault("optim" if n.startswith("optim/") else "model", []).append(n)
+                g = "optim" if n.startswith("optim/") else "buffers" if n in buffers else "model"
+                groups.setdefault(g, []).append(n)
             else:
                 exact.append(n)
         layout = {
@@ -315,6 +319,16 @@ class Checkpointer:
         self._layout_hash = last["layout"]
         self._last_exact = {k: v for k, v in exact.items()}
         self._head = {**head, "depth": head["depth"]}
+
+
+_STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")
+
+
+def _buffer_names(model) -> set[str]:
+    """Float buffers of a module; for a plain state_dict, BatchNorm-style running statistics."""
+    if isinstance(model, torch.nn.Module):
+        return {n for n, _ in model.named_buffers()}
+    return {n for n in model if _STAT_BUFFER.search(n)}
 
 
 def log_record(e: dict) -> dict:

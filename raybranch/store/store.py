@@ -52,11 +52,11 @@ class Store:
             if self.loc.is_local:
                 self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
                 tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
-                with self.fs.open_output_stream(tmp) as f:
+                with self.fs.open_output_stream(tmp, compression=None) as f:
                     f.write(data)
                 os.replace(tmp, path)
             else:
-                with self.fs.open_output_stream(path) as f:
+                with self.fs.open_output_stream(path, compression=None) as f:
                     f.write(data)
         except OSError as exc:
             raise StoreError(f"cannot write {self._shown(rel)}: {_one_line(exc)}") from None

@@ -1,0 +1,390 @@
+"""Checkpointer end to end on a local store and on a real S3 server: restore = reconstruction
+bit for bit, compaction, log, fork, snapshots, corruption, bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import raybranch as rb
+from raybranch.checkpoint.restore import Reader
+from raybranch.cli.main import main as cli_main
+from raybranch.errors import CorruptBlobError, NonFiniteError, NotFoundError, RaybranchError
+
+from ckpt_testkit import Recorder, assert_matches_record, local_files, make_model, sgd_step, state_bytes, store_files
+
+BACKENDS = ["file_uri", "s3_uri"]
+
+
+@pytest.fixture(params=BACKENDS)
+def uri(request):
+    return request.getfixturevalue(request.param)
+
+
+def train_and_save(ckpt, steps, *, seed=0, start=0, model=None, opt=None, rec=None, extra=True):
+    model = model if model is not None else make_model(seed)
+    opt = opt if opt is not None else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed + 1000 * start)
+    rec = rec if rec is not None else Recorder()
+    for step in range(start, start + steps):
+        sgd_step(model, opt, gen)
+        ex = {"epoch": step // 10, "tag": "t", "marker": torch.full((2,), float(step))} if extra else None
+        rec.save(ckpt, step, model, opt, extra=ex)
+    return model, opt, rec
+
+
+def blob_names(store, run="exp1") -> set[str]:
+    return {i.base_name for i in store.list(f"{run}/blobs")}
+
+
+# -- restore equals the encoder's reconstruction ----------------------------------------------------
+def test_restore_equals_reconstruction_at_random_steps(uri):
+    store = rb.open_store(uri)
+    ckpt = rb.Checkpointer(store, run="exp1", branch="main", bits=3, segment_size=8)
+    _, _, rec = train_and_save(ckpt, 40)
+
+    rng = np.random.default_rng(3)
+    steps = sorted(set(rng.choice(40, 8, replace=False).tolist()) | {0, 1, 8, 9, 32, 39})
+    before = {}
+    for s in steps:
+        state = ckpt.restore(s)
+        assert_matches_record(state, rec, s)
+        assert state["extra"]["epoch"] == s // 10 and state["extra"]["tag"] == "t"
+        assert torch.equal(state["extra"]["marker"], torch.full((2,), float(s)))
+        before[s] = state_bytes(state)
+    assert ckpt.restore()["step"] == 39  # latest
+
+    # compaction ran: 39 deltas → 4 full segments of 8, 7 loose deltas
+    log = ckpt.log()
+    assert [r["step"] for r in log] == list(range(40))
+    assert [r["kind"] for r in log] == ["snapshot"] + ["delta"] * 39
+    assert log[0]["parent"] is None and all(r["parent"] == ["main", r["step"] - 1] for r in log[1:])
+    assert [r["depth"] for r in log] == list(range(40))
+    assert [r["compacted"] for r in log] == [False] + [True] * 32 + [False] * 7
+    assert all(r["id"] == f"exp1/main/{r['step']}" and r["bytes"] > 0 for r in log)
+    assert len(store.list("exp1/segments/main")) == 4
+    assert len(store.list("exp1/manifests/main")) == 8  # snapshot + 7 loose
+
+    # tail compaction on close: nothing loose left, restores unchanged byte for byte (fresh reader)
+    ckpt.close()
+    assert all(r["compacted"] for r in ckpt.log()[1:])
+    assert len(store.list("exp1/manifests/main")) == 1
+    assert len(store.list("exp1/segments/main")) == 5
+    fresh = Reader(rb.open_store(uri), "exp1")
+    for s in steps:
+        assert state_bytes(fresh.restore("main", s)) == before[s]
+    # every blob in the store is referenced: compaction removed the per-step blobs it replaced
+    referenced = {e["blob"][0] + ".arrow" for e in fresh.index.entries("main", refresh=True).values()}
+    assert blob_names(store) == referenced
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(bits=1, granularity="tensor", value="midrange"),
+        dict(bits=8, granularity="global", value="mean", optimizer_codec="lc"),
+        dict(bits=2, granularity="tensor", value="mean", optimizer_codec="lc", segment_size=0),
+    ],
+    ids=["b1-tensor-midrange", "b8-global-lcoptim", "b2-tensor-nocompact"],
+)
+def test_restore_equals_reconstruction_codec_options(file_uri, kw):
+    kw = {"segment_size": 5, **kw}
+    ckpt = rb.Checkpointer(file_uri, run="exp1", **kw)
+    _, _, rec = train_and_save(ckpt, 14, extra=False)
+    if kw.get("optimizer_codec") == "lc":
+        assert "optim" in ckpt._encoders and "model" in ckpt._encoders
+    fresh = Reader(rb.open_store(file_uri), "exp1")
+    for s in range(14):
+        assert_matches_record(fresh.restore("main", s), rec, s)
+    assert {r["compacted"] for r in ckpt.log()[1:]} == ({False} if kw["segment_size"] == 0 else {True, False})
+
+
+def test_snapshot_every(uri):
+    store = rb.open_store(uri)
+    ckpt = rb.Checkpointer(store, run="exp1", snapshot_every=5, segment_size=3)
+    _, _, rec = train_and_save(ckpt, 17, extra=False)
+    log = ckpt.log()
+    assert [r["step"] for r in log if r["kind"] == "snapshot"] == [0, 5, 10, 15]
+    assert [r["depth"] for r in log] == [s % 5 for s in range(17)]
+    fresh = Reader(rb.open_store(uri), "exp1")
+    for s in range(17):
+        assert_matches_record(fresh.restore("main", s), rec, s)
+
+
+def test_forced_snapshot_and_layout_change(file_uri):
+    ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=0)
+    model, opt, rec = train_and_save(ckpt, 3, extra=False)
+    rec.save(ckpt, 3, model, opt, snapshot=True)
+    # a different model layout (another set of tensors) starts a new chain with a snapshot
+    other = torch.nn.Linear(10, 10)
+    ckpt.save(4, other)
+    ckpt.save(5, other)
+    assert [r["kind"] for r in ckpt.log()] == ["snapshot", "delta", "delta", "snapshot", "snapshot", "delta"]
+    for s in range(4):
+        assert_matches_record(ckpt.restore(s), rec, s)
+    st = ckpt.restore(5)
+    assert set(st["model"]) == {"weight", "bias"} and st["optimizer"] is None
+
+
+# -- fork ------------------------------------------------------------------------------------
+def test_fork_shares_history(uri):
+    store = rb.open_store(uri)
+    main = rb.Checkpointer(store, run="exp1", branch="main", segment_size=8)
+    model, opt, rec = train_and_save(main, 20, extra=False)
+
+    blobs_before = blob_names(store)
+    files_before = store_files(store)
+    alt = main.fork("alt", step=13)
+    assert blob_names(store) == blobs_before  # no blob written for the shared part
+    new_files = set(store_files(store)) - set(files_before)
+    assert new_files == {"exp1/manifests/alt/000000000013.json"}
+
+    parent_13 = state_bytes(main.restore(13))
+    assert state_bytes(alt.restore(13)) == parent_13
+    assert state_bytes(Reader(rb.open_store(uri), "exp1").restore("alt", 13)) == parent_13
+    alt_log = alt.log()
+    assert [(r["step"], r["kind"], r["parent"], r["tags"]) for r in alt_log] == [(13, "ref", ["main", 13], ["fork"])]
+    assert alt.head()["step"] == 13
+
+    # the fork trains on differently from the parent's step-13 state
+    fmodel = make_model(0)
+    fmodel.load_state_dict(alt.restore(13)["model"])
+    fopt = torch.optim.SGD(fmodel.parameters(), lr=0.2, momentum=0.5)
+    _, _, frec = train_and_save(alt, 5, seed=7, start=14, model=fmodel, opt=fopt, extra=False)
+    alt_log = alt.log()
+    assert [r["step"] for r in alt_log] == [13, 14, 15, 16, 17, 18]
+    assert alt_log[1]["parent"] == ["alt", 13] and alt_log[1]["kind"] == "delta"
+    assert alt_log[1]["depth"] == main.log()[13]["depth"] + 1
+    # the main branch goes on too, unaffected
+    train_and_save(main, 3, start=20, model=model, opt=opt, rec=rec, extra=False)
+    fresh = Reader(rb.open_store(uri), "exp1")
+    for s in range(14, 19):
+        assert_matches_record(fresh.restore("alt", s), frec, s)
+    for s in (0, 12, 13, 14, 19, 22):
+        assert_matches_record(fresh.restore("main", s), rec, s)
+    assert [r["step"] for r in main.log()] == list(range(23))
+
+    with pytest.raises(RaybranchError, match="'alt'"):
+        main.fork("alt", step=5)
+    with pytest.raises(NotFoundError, match="777"):
+        main.fork("other", step=777)
+
+
+# -- corruption ------------------------------------------------------------------------------
+def _flip(path: str, pos: int | None = None) -> None:
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        i = len(data) // 2 if pos is None else pos
+        data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+@pytest.fixture
+def small_run(file_uri):
+    """0 snapshot, 1-4 and 5-8 compacted into segments, 9 and 10 loose."""
+    ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=4)
+    train_and_save(ckpt, 11, extra=False)
+    entries = ckpt.index.entries("main", refresh=True)
+    assert "segment" in entries[6] and "file" in entries[9] and entries[0]["kind"] == "snapshot"
+    return file_uri, ckpt.store, entries
+
+
+def _verify(capsys, uri) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = cli_main(["verify", "--store", uri])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+@pytest.mark.parametrize(
+    "which, bad_steps, good_steps",
+    [("segment", [5, 8, 10], [0, 1, 4]), ("loose", [9, 10], [0, 4, 8]), ("snapshot", [0, 5, 10], [])],
+)
+def test_flipped_byte_in_blob(small_run, capsys, which, bad_steps, good_steps):
+    uri, store, entries = small_run
+    rc, out = _verify(capsys, uri)
+    assert rc == 0, out
+    h = entries[{"segment": 6, "loose": 9, "snapshot": 0}[which]]["blob"][0]
+    _flip(os.path.join(store.root, "exp1", "blobs", f"{h}.arrow"))
+
+    rc, out = _verify(capsys, uri)
+    assert rc != 0
+    assert h in out
+
+    reader = Reader(rb.open_store(uri), "exp1")
+    for s in bad_steps:
+        with pytest.raises(CorruptBlobError) as ei:
+            reader.restore("main", s)
+        msg = str(ei.value)
+        assert "\n" not in msg and h in msg
+    for s in good_steps:
+        assert reader.restore("main", s)["step"] == s  # damage stays local to the chains through it
+
+
+def test_flipped_byte_anywhere_in_a_loose_blob(small_run):
+    uri, store, entries = small_run
+    h = entries[10]["blob"][0]
+    path = os.path.join(store.root, "exp1", "blobs", f"{h}.arrow")
+    size = os.path.getsize(path)
+    for pos in np.random.default_rng(5).choice(size, 12, replace=False).tolist() + [0, size - 1]:
+        _flip(path, pos)
+        with pytest.raises(CorruptBlobError):
+            Reader(rb.open_store(uri), "exp1").restore("main", 10)
+        _flip(path, pos)  # undo
+    assert Reader(rb.open_store(uri), "exp1").restore("main", 10)["step"] == 10
+
+
+def _edit_manifest(path: str) -> None:
+    with open(path) as f:
+        doc = json.load(f)
+    doc["tags"] = ["edited"]
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+@pytest.mark.parametrize("damage", ["edit", "garbage", "segment"])
+def test_corrupt_manifest(small_run, capsys, damage):
+    uri, store, entries = small_run
+    if damage == "segment":
+        rel = entries[6]["segment"]
+        path = os.path.join(store.root, rel)
+        with open(path, "rb") as f:
+            doc = json.loads(zstandard.ZstdDecompressor().decompress(f.read()))
+        doc["entries"][0]["slices"] = [99]
+        with open(path, "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
+    else:
+        rel = entries[9]["file"]
+        path = os.path.join(store.root, rel)
+        if damage == "edit":
+            _edit_manifest(path)
+        else:
+            with open(path, "w") as f:
+                f.write('{"step": 9, "kind": "del')
+    for step in (0, 9):
+        with pytest.raises(CorruptBlobError) as ei:
+            rb.Checkpointer(uri, run="exp1").restore(step)
+        msg = str(ei.value)
+        assert "\n" not in msg and rel in msg
+    rc, out = _verify(capsys, uri)
+    assert rc != 0 and rel in out
+
+
+def test_corrupt_layout(small_run):
+    uri, store, entries = small_run
+    rel = f"exp1/layouts/{entries[10]['layout']}.json"
+    with open(os.path.join(store.root, rel), "r+") as f:
+        doc = json.load(f)
+        doc["model_keys"] = list(reversed(doc["model_keys"]))
+        f.seek(0)
+        json.dump(doc, f)
+        f.truncate()
+    with pytest.raises(CorruptBlobError) as ei:
+        rb.Checkpointer(uri, run="exp1").restore(10)
+    assert rel in str(ei.value) and "\n" not in str(ei.value)
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_unknown_run_branch_step(uri):
+    ckpt = rb.Checkpointer(uri, run="exp1")
+    train_and_save(ckpt, 3, extra=False)
+    cases = [
+        (lambda: rb.Checkpointer(uri, run="ghost").restore(), "'ghost'"),
+        (lambda: Reader(rb.open_store(uri), "ghost").restore("main", 0), "'ghost'"),
+        (lambda: ckpt.restore(branch="nobranch"), "'nobranch'"),
+        (lambda: ckpt.restore(1, branch="nobranch"), "'nobranch'"),
+        (lambda: ckpt.restore(7), "step 7"),
+        (lambda: ckpt.restore(-1), "step -1"),
+    ]
+    files = store_files(ckpt.store)
+    for fn, names in cases:
+        with pytest.raises(NotFoundError) as ei:
+            fn()
+        msg = str(ei.value)
+        assert names in msg and "\n" not in msg, msg
+    assert store_files(ckpt.store) == files  # looking things up writes nothing
+
+
+@pytest.mark.parametrize(
+    "when, tensor",
+    [
+        ("first", "fc.weight"),  # the snapshot path, lossy tensor
+        ("first", "fc.bias"),  # exact tensor
+        ("delta", "conv.weight"),  # the LC path
+        ("delta", "fc.bias"),
+        ("delta", "bn.running_var"),
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_weights_write_nothing(file_uri, when, tensor, bad):
+    ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=2)
+    model = make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    rec = Recorder()
+    if when == "delta":
+        for s in range(3):
+            sgd_step(model, opt, gen)
+            rec.save(ckpt, s, model, opt)
+    root = rb.open_store(file_uri).root
+    files = local_files(root) if os.path.isdir(root) else {}
+    recon = {g: e.recon.clone() for g, e in ckpt._encoders.items()}
+    good = model.state_dict()[tensor].clone()
+    with torch.no_grad():
+        model.state_dict()[tensor].view(-1)[1] = bad
+    step = 0 if when == "first" else 3
+    with pytest.raises(NonFiniteError) as ei:
+        ckpt.save(step, model, opt)
+    msg = str(ei.value)
+    assert repr(tensor) in msg and "\n" not in msg
+    after = local_files(root) if os.path.isdir(root) else {}
+    assert after == files, f"written despite NaN/Inf: {sorted(set(after) ^ set(files))}"
+    assert all(torch.equal(ckpt._encoders[g].recon, r) for g, r in recon.items())
+    # fixing the weights, the same step saves and restores
+    with torch.no_grad():
+        model.state_dict()[tensor].copy_(good)
+    rec.save(ckpt, step, model, opt)
+    assert_matches_record(rb.Checkpointer(file_uri, run="exp1").restore(step), rec, step)
+
+
+def test_step_not_after_head(file_uri):
+    ckpt = rb.Checkpointer(file_uri, run="exp1")
+    model, opt, _ = train_and_save(ckpt, 6, extra=False)
+    root = ckpt.store.root
+    files = local_files(root)
+    for step in (5, 2, -1):
+        with pytest.raises(RaybranchError) as ei:
+            ckpt.save(step, model, opt)
+        assert f"step {step}" in str(ei.value) and "\n" not in str(ei.value)
+    assert local_files(root) == files
+    ckpt.save(8, model, opt)  # gaps are fine
+    assert [r["step"] for r in ckpt.log()] == [0, 1, 2, 3, 4, 5, 8]
+
+
+@pytest.mark.parametrize(
+    "kw, names",
+    [
+        (dict(run="a/b"), "'a/b'"),
+        (dict(run=""), "''"),
+        (dict(run="x", branch="../up"), "'../up'"),
+        (dict(run="x", bits=9), "9"),
+        (dict(run="x", granularity="layer"), "'layer'"),
+        (dict(run="x", snapshot_every=0), "0"),
+        (dict(run="x", segment_size=-1), "-1"),
+        (dict(run="x", optimizer_codec="zip"), "'zip'"),
+    ],
+)
+def test_bad_checkpointer_arguments(file_uri, kw, names):
+    with pytest.raises(RaybranchError) as ei:
+        rb.Checkpointer(file_uri, **kw)
+    assert names in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_bad_store_uri_in_checkpointer():
+    with pytest.raises(rb.StoreError):
+        rb.Checkpointer("ftp://host/x", run="exp1")
