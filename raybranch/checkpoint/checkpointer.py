@@ -98,7 +98,8 @@ class Checkpointer:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"tensor {n!r} holds NaN or Inf at step {step}; nothing was saved")
 
-        layout_hash = self._put_layout(layout)
+        layout_bytes = json_bytes(layout)
+        layout_hash = hashlib.sha256(layout_bytes).hexdigest()
         depth = 0 if self._head is None else self._head["depth"] + 1
         is_snapshot = (
             snapshot
@@ -119,7 +120,7 @@ class Checkpointer:
                 rows.append(Row(step, g, "recon", "float32", (arr.size,), encode_exact(arr)))
         else:
             for g, flat in flats.items():
-                payload, tables, q = self._encoders[g].encode(flat)
+                payload, tables, q = self._encoders[g].encode(flat)  # raises on NaN/Inf: nothing written yet
                 pending[g] = q
                 rows.append(Row(step, g, "lc", "float32", (flat.numel(),), payload, tables))
                 self.timings["lossy_bytes"] += flat.numel() * 4
@@ -133,6 +134,10 @@ class Checkpointer:
         self.timings["encode_s"] += time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        if layout_hash != self._layout_hash:
+            rel = f"{self.run}/layouts/{layout_hash}.json"
+            if not self.store.exists(rel):
+                self.store.write_bytes(rel, layout_bytes)
         blob = write_blob(rows, {"run": self.run, "branch": self.branch, "step": step})
         h, size = self.store.put_blob(self.run, blob)
         entry = {
@@ -286,15 +291,6 @@ class Checkpointer:
             "model_keys": [n for n in tensors if not n.startswith(("optim/", "rng/", "extra/"))],
         }
         return layout, groups, exact
-
-    def _put_layout(self, layout: dict) -> str:
-        data = json_bytes(layout)
-        h = hashlib.sha256(data).hexdigest()
-        if h != self._layout_hash:
-            rel = f"{self.run}/layouts/{h}.json"
-            if not self.store.exists(rel):
-                self.store.write_bytes(rel, data)
-        return h
 
     def _reset_encoders(self, layout: dict, flats: dict[str, torch.Tensor]) -> None:
         self._encoders = {}

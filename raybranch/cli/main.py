@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import RaybranchError
+from .demo import add_parser as add_demo_parser
 
 
 def _cmd_log(args) -> int:
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--out", default=None, help="keep the stores here (default: a temporary directory)")
     s.set_defaults(fn=_cmd_bench)
+    add_demo_parser(sub)
     return p
 
 

@@ -55,7 +55,10 @@ class DeltaEncoder:
         try:
             symbols, tables, q = quantize(delta, self.layout, self.params)
         except NonFiniteError:
-            raise NonFiniteError(f"tensor {self._first_nonfinite(flat)!r} holds NaN or Inf; nothing was saved") from None
+            name = self._first_nonfinite(delta)
+            if bool(torch.isfinite(flat).all()):
+                raise NonFiniteError(f"the delta of tensor {name!r} overflows float32; nothing was saved") from None
+            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf; nothing was saved") from None
         payload = encode_symbols(symbols, level)
         return payload, tables.cpu().numpy(), q
 

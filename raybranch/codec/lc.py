@@ -116,8 +116,8 @@ def quantize(x: torch.Tensor, layout: SegmentLayout, params: LCParams) -> tuple[
         k64 = key.long()
         hi = torch.full((nkeys,), float("-inf"), device=x.device).scatter_reduce(0, k64, x, "amax")
         lo = torch.full((nkeys,), float("inf"), device=x.device).scatter_reduce(0, k64, x, "amin")
-        value = torch.where(count.view(-1) > 0, (hi + lo) * 0.5, torch.zeros_like(hi))
-    value = value.float()
+        value = torch.where(count.view(-1) > 0, hi * 0.5 + lo * 0.5, torch.zeros_like(hi))
+    value = _into_binade(value.float(), S, x.device)
     mag = torch.where(count > 0, value.view(S, NUM_KEYS).abs(), torch.full((), -1.0, device=x.device))
     mag[:, list(_ZERO_KEYS)] = -1.0
     top = mag.topk(L - 1, dim=1)
@@ -129,6 +129,26 @@ def quantize(x: torch.Tensor, layout: SegmentLayout, params: LCParams) -> tuple[
     keyval = torch.zeros(nkeys, device=x.device, dtype=torch.float32)
     keyval[chosen.reshape(-1)] = kept.reshape(-1)
     return lut.index_select(0, key), tables, keyval.index_select(0, key)  # index_select: ~8x faster than lut[key] on CPU
+
+
+_BINADES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _into_binade(value: torch.Tensor, S: int, device: torch.device) -> torch.Tensor:
+    """Clamp each bucket value into its own binade, keeping its sign.
+
+    A float32 sum can round the mean of a bucket onto the next power of two, or overflow to ±inf
+    in the top binade; the clamp keeps Q(δ)_i finite, with δ_i's sign and binade.
+    """
+    if device not in _BINADES:
+        e = torch.arange(256, dtype=torch.float64) - 127.0
+        lo = torch.exp2(e).float()
+        hi = torch.nextafter(torch.exp2(e + 1).float(), torch.zeros(()))
+        _BINADES[device] = (torch.cat([lo, lo]).to(device), torch.cat([hi, hi]).to(device))
+    lo, hi = _BINADES[device]
+    mag = torch.minimum(torch.maximum(value.view(S, NUM_KEYS).abs(), lo), hi)
+    neg = torch.arange(NUM_KEYS, device=device) < 256
+    return torch.where(neg, -mag, mag).reshape(-1)
 
 
 def dequantize(symbols: torch.Tensor, tables: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:

@@ -12,9 +12,10 @@ Quirks of SeaweedFS 4.x handled here:
   ``grace_s``; nothing is lost, since needles, ``.idx`` entries and the filer's leveldb
   journal are written with plain ``write()`` calls before a request is acknowledged
   (``pause()``/``resume()`` checks exactly that in the tests).
-* The master runs with ``-master.resumeState=false``: resuming the single-node Raft state
-  costs a ~12 s leader election on restart, and the volume server re-reports every
-  volume on its first heartbeat anyway.
+* The master runs with ``-master.peers=none -master.resumeState=false`` (single-master mode):
+  otherwise a restart waits ~2-12 s for a Raft leader election, and a volume server whose
+  first heartbeat loses that race retries only 5 s later. The volume server re-reports
+  every volume on its first heartbeat, so no state is lost. Start to ready: ~2.3 s.
 * Each S3 bucket is a SeaweedFS collection; ``WEED_MASTER_VOLUME_GROWTH_COPY_1=1`` makes a
   new bucket take one volume instead of seven, so a test session can make hundreds.
 
@@ -296,6 +297,7 @@ class SeaweedServer:
             f"-ip.bind={LOOPBACK}",
             "-master.telemetry=false",
             "-master.resumeState=false",
+            "-master.peers=none",
             f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}",
             f"-volume.max={MAX_VOLUMES}",
             "-volume.preStopSeconds=0",
@@ -470,6 +472,8 @@ def _stop_leftover_servers() -> None:
 
 # --------------------------------------------------------------------- CLI
 def _cmd_up(args: argparse.Namespace) -> int:
+    if args.bucket:
+        _check_bucket_name(args.bucket)
     server = SeaweedServer(args.dir, args.access_key, args.secret_key, args.region, port=args.port)
     stop_requested = threading.Event()
 
@@ -488,8 +492,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         if args.bucket:
             print(f"store: {server.store_uri(args.bucket, args.prefix)}")
         print(f"log: {server.log_path}")
-        print(f"ready: SeaweedFS S3 up in {server.startup_s:.1f} s (pid {os.getpid()}); SIGTERM or Ctrl-C stops it",
-              flush=True)
+        print(f"ready: SeaweedFS S3 up in {server.startup_s:.1f} s (cli pid {os.getpid()}, weed pid {server.pid}); "
+              "SIGTERM or Ctrl-C stops it", flush=True)
         while not stop_requested.wait(1.0):
             if not server.running:
                 print(f"weed server died:\n{server.log_tail()}", file=sys.stderr, flush=True)
@@ -512,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--region", default=DEFAULT_REGION)
     up.add_argument("--grace", type=float, default=STOP_GRACE_S, help="seconds between SIGTERM and SIGKILL")
     args = parser.parse_args(argv)
-    return _cmd_up(args)
+    try:
+        return _cmd_up(args)
+    except (SeaweedError, ValueError) as exc:
+        print(f"seaweed: error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -55,21 +55,22 @@ class Recorder:
         self.optim: dict[int, dict] = {}
         self.keys: dict[int, list[str]] = {}
 
-    def save(self, ckpt, step: int, model: nn.Module, optimizer=None, **kw) -> str:
+    def save(self, ckpt, step: int, model, optimizer=None, **kw) -> str:
         cid = ckpt.save(step, model, optimizer, **kw)
         self.record(ckpt, step, model, optimizer)
         return cid
 
-    def record(self, ckpt, step: int, model: nn.Module, optimizer=None) -> None:
+    def record(self, ckpt, step: int, model, optimizer=None) -> None:
         encs = ckpt._encoders  # internal: what the encoder holds is the ground truth of restore
         self.recon[step] = {g: e.recon.clone() for g, e in encs.items()}
         self.names[step] = {g: list(e.names) for g, e in encs.items()}
         lossy = {n for names in self.names[step].values() for n in names}
-        self.keys[step] = list(model.state_dict())
-        self.exact[step] = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in lossy}
+        sd = model.state_dict() if isinstance(model, nn.Module) else model
+        self.keys[step] = list(sd)
+        self.exact[step] = {k: v.detach().clone() for k, v in sd.items() if k not in lossy}
         if optimizer is not None:
-            sd = optimizer.state_dict()
-            self.optim[step] = {pid: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()} for pid, e in sd["state"].items()}
+            osd = optimizer.state_dict()
+            self.optim[step] = {pid: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()} for pid, e in osd["state"].items()}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

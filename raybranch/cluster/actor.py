@@ -1,0 +1,614 @@
+"""The checkpoint actor: encode, write and commit checkpoints off the training critical path.
+
+    ckpt = AsyncCheckpointer("s3://bucket/ckpts", run="exp1", branch="main", bits=3)
+    for step in ...:
+        ...  # optimizer.step()
+        ckpt.save(step, model, optimizer)        # returns after copying the state to a CPU buffer
+    ckpt.close()                                  # waits for every save, compacts the tail
+
+Data flow of one save (DESIGN.md "Data flow")::
+
+    training worker                              CheckpointActor (one per run/branch)
+      state → one CPU byte buffer (a copy)         Checkpointer.save: δ vs ũ, quantize, zstd,
+      ray.put(one buffer) ──ObjectRef──▶           blob, manifest (= commit), compaction
+      return at once (≤ max_pending in flight)     retried with backoff on StoreError / OSError
+
+Only one numpy byte buffer and JSON cross the process boundary: no torch object is pickled. The
+actor reads every tensor as a zero-copy view of the buffer in the object store (read-only; the
+Checkpointer copies what it keeps). Saves of one branch are ordered: the actor runs one call at a time, and Ray runs the calls
+of one submitter in submission order.
+
+Backpressure: at most ``max_pending`` saves are in flight per client; the next ``save`` waits for
+the oldest to finish, so a slow store slows training down instead of growing memory.
+
+Retries: a failed save is retried as a whole, up to ``RetryPolicy.attempts`` times, sleeping
+min(cap, base·2^(k−1)) after the k-th failure. Before each retry the actor rebuilds its
+Checkpointer from the store, so its in-memory state (head, reconstruction ũ, index) is exactly what
+the store holds: the blob is content-addressed and the manifest written last, so either the earlier
+attempt committed the step (the retry finds it at the head and only finishes compaction) or it did
+not (the retry encodes the same state against the same ũ and writes the same blob).
+
+Errors: a save that fails for good (NaN/Inf, retries used up, a bad step) is never swallowed. The
+actor refuses the saves queued after it (so a branch never silently skips a step) and the client
+raises the original error, type and message, from its next ``save``/``flush``/``close``. After
+that the branch accepts saves again (e.g. after rolling back to the last good checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+
+from ..checkpoint import state as st
+from ..checkpoint.checkpointer import Checkpointer, log_record
+from ..checkpoint.compact import compact_branch
+from ..checkpoint.manifest import RunIndex, check_name
+from ..checkpoint.restore import Reader
+from ..errors import RaybranchError, StoreError
+from ..store.store import Store, open_store
+
+DEFAULT_MAX_PENDING = 4
+_READ_ONLY_WARNING = "The given NumPy array is not writable"
+
+
+class SaveSkippedError(RaybranchError):
+    """A save the actor refused because an earlier save of the branch failed."""
+
+
+class CheckpointActorError(RaybranchError):
+    """The checkpoint actor died or could not be reached."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of a failed save: ``attempts`` tries in all; after the k-th failure sleep
+    min(cap_s, base_s · 2^(k−1)) seconds."""
+
+    attempts: int = 8
+    base_s: float = 0.2
+    cap_s: float = 5.0
+
+    def __post_init__(self):
+        if self.attempts < 1 or self.base_s < 0 or self.cap_s < 0:
+            raise RaybranchError(f"retry policy needs attempts >= 1 and delays >= 0, got {self}")
+
+    def delay(self, failures: int) -> float:
+        return min(self.cap_s, self.base_s * 2.0 ** (failures - 1))
+
+
+def actor_name(run: str, branch: str) -> str:
+    """The Ray name of a branch's checkpoint actor."""
+    return f"raybranch-ckpt-{check_name('run', run)}-{check_name('branch', branch)}"
+
+
+# -- what travels: one byte buffer + JSON -----------------------------------------------------
+_ALIGN = 64  # every tensor starts on a 64-byte boundary of the buffer
+
+
+def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = False) -> tuple[np.ndarray, str]:
+    """(buffer, meta JSON) of a training state, ready for ``ray.put``.
+
+    The buffer is one contiguous uint8 array holding a copy of every tensor (model, optimizer
+    state, RNG states, tensors in ``extra``), each at a 64-byte-aligned offset; a GPU tensor is
+    copied straight into it. ``meta`` lists [group, name, dtype, shape, offset] per tensor
+    (group ∈ model, optim, rng, extra) and holds the JSON parts (optimizer hyper-parameters, RNG
+    scalars, non-tensor extras). One array is the cheapest thing to put in the object store, and
+    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`).
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": st.model_tensors(model)}
+    meta: dict = {}
+    if optimizer is not None:
+        groups["optim"], meta["optimizer"] = st.optimizer_tensors(optimizer)
+    if rng:
+        groups["rng"], meta["rng"] = st.rng_tensors()
+    if extra:
+        groups["extra"], meta["extra"] = st.extra_tensors(extra)
+    layout, total = [], 0
+    for g, ts in groups.items():
+        for k, t in ts.items():
+            layout.append([g, k, st.dtype_name(t.dtype), list(t.shape), total])
+            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    buf = torch.empty(total, dtype=torch.uint8)
+    for (g, k, _, _, off) in layout:
+        t = groups[g][k]
+        if t.numel():
+            buf[off : off + t.numel() * t.element_size()].view(t.dtype).copy_(t.detach().reshape(-1))
+    meta["tensors"] = layout
+    return buf.numpy(), json.dumps(meta)
+
+
+def unpack_state(buf: np.ndarray, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """{group: {name: tensor}} as views of ``buf`` (which may be a read-only object-store view)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING)
+        whole = torch.from_numpy(buf)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for g, k, dtype, shape, off in meta["tensors"]:
+        dt = st.dtype_from_name(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
+        out.setdefault(g, {})[k] = whole[off : off + n].view(dt).reshape(shape)
+    return out
+
+
+class _OptimizerState:
+    """What Checkpointer.save needs of an optimizer: its state_dict."""
+
+    def __init__(self, sd: dict):
+        self._sd = sd
+
+    def state_dict(self) -> dict:
+        return self._sd
+
+
+# -- the actor ---------------------------------------------------------------------------------
+class BackgroundCompactor:
+    """Compaction of one branch in a thread of the actor, so saves never wait for it.
+
+    Inline, :class:`~raybranch.Checkpointer` rewrites ``segment_size`` deltas into a segment during
+    the save that completes them (~140 ms for 64 LeNet-5 deltas): with a queue of 4 saves that
+    would stall training every ``segment_size`` steps. Here the actor's Checkpointer runs with
+    ``segment_size=0`` and this thread runs :func:`~raybranch.checkpoint.compact.compact_branch`
+    (same batches, same segments) on its own index, fed with each committed entry. ``lock`` is held
+    by a pass, and by the saver while it reloads its state from the store, so a reload never sees
+    a pass half done. A failed pass loses nothing (the loose deltas stay committed); it is retried
+    on the next trigger, and the tail compaction at ``close`` raises if it still fails.
+    """
+
+    def __init__(self, store: Store, run: str, branch: str, segment_size: int, retry: RetryPolicy):
+        self.store, self.run, self.branch, self.segment_size, self.retry = store, run, branch, segment_size, retry
+        self.lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._index: RunIndex | None = None
+        self._new: list[dict] = []  # committed entries the index has not taken in yet
+        self._loose = 0  # loose deltas, as far as this object knows
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"passes": 0, "moved": 0, "failures": 0, "busy_s": 0.0, "last_error": None}
+
+    def committed(self, entry: dict) -> None:
+        """The saver committed ``entry`` (a manifest entry as the RunIndex holds it)."""
+        with self._cv:
+            self._new.append(entry)
+            self._loose += entry["kind"] == "delta"
+            if self._loose >= self.segment_size:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=f"raybranch-compact-{self.branch}", daemon=True)
+                    self._thread.start()
+                self._cv.notify()
+
+    def reset(self) -> None:
+        """Forget the index (call with ``lock`` held, after the store changed under it)."""
+        with self._cv:
+            self._index = None
+            self._new.clear()
+            self._loose = self.segment_size  # look at the store on the next pass
+            self._cv.notify()
+
+    def compact(self, tail: bool = False) -> int:
+        """One pass now (``tail``: also the last, shorter run of deltas); returns deltas moved."""
+        t0 = time.monotonic()
+        with self.lock:
+            try:
+                if self._index is None:
+                    self._index = RunIndex(self.store, self.run)
+                    self._index.entries(self.branch, refresh=True)
+                with self._cv:
+                    new, self._new = self._new, []
+                entries = self._index.entries(self.branch)
+                top = max(entries, default=-1)
+                for e in new:  # only what the load did not already see (steps only grow)
+                    if e["step"] > top:
+                        self._index.add(e)
+                moved = compact_branch(self.store, self._index, self.branch, self.segment_size, tail=tail)
+            except BaseException:
+                self._index = None  # may no longer match the store: reload on the next pass
+                self.stats["failures"] += 1
+                raise
+            finally:
+                self.stats["busy_s"] += time.monotonic() - t0
+            loose = sum(1 for e in self._index.entries(self.branch).values() if "file" in e and e["kind"] == "delta")
+            with self._cv:
+                self._loose = loose + sum(e["kind"] == "delta" for e in self._new)
+        self.stats["passes"] += 1
+        self.stats["moved"] += moved
+        return moved
+
+    def _loop(self) -> None:
+        failures = 0
+        while True:
+            with self._cv:
+                while not self._stop and self._loose < self.segment_size:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.compact()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - kept, retried, and raised by close() if it persists
+                failures += 1
+                self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
+                with self._cv:
+                    self._cv.wait_for(lambda: self._stop, timeout=self.retry.delay(failures))
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class CheckpointService:
+    """One branch's Checkpointer behind a Ray actor (see :data:`CheckpointActor`).
+
+    ``store_factory(uri) -> Store`` opens the store inside the actor (default
+    :func:`raybranch.open_store`), so credentials come from the actor's environment and are never
+    sent. ``checkpointer_kwargs`` go to :class:`~raybranch.Checkpointer`, except that compaction
+    into segments of ``segment_size`` runs in a :class:`BackgroundCompactor`.
+    """
+
+    def __init__(self, store_uri: str, run: str, branch: str, checkpointer_kwargs: dict | None = None,
+                 retry: RetryPolicy | None = None, store_factory: Callable[[str], Store] | None = None,
+                 threads: int = 1):
+        if threads:
+            torch.set_num_threads(threads)
+        kwargs = dict(checkpointer_kwargs or {})
+        self.config = {"store": store_uri, "run": run, "branch": branch, "checkpointer": dict(kwargs)}
+        self.retry = retry or RetryPolicy()
+        self.segment_size = kwargs.pop("segment_size", 64)
+        if not isinstance(self.segment_size, int) or self.segment_size < 0:
+            raise RaybranchError(f"segment_size must be >= 0 (0 = never compact), got {self.segment_size!r}")
+        self._kwargs = {**kwargs, "segment_size": 0}
+        self.store = (store_factory or open_store)(store_uri)
+        self.compactor = BackgroundCompactor(self.store, run, branch, self.segment_size, self.retry) if self.segment_size else None
+        self._ckpt: Checkpointer | None = None
+        self._failure: tuple[int, str] | None = None  # (step, message) of the save that failed
+        self.stats = {"saves": 0, "retries": 0, "failed": 0, "skipped": 0, "busy_s": 0.0}
+        Checkpointer(self.store, run, branch, **self._kwargs)  # bad settings fail here, at creation
+
+    def get_config(self) -> dict:
+        return self.config
+
+    def get_stats(self) -> dict:
+        out = dict(self.stats)
+        if self.compactor is not None:
+            out["compaction"] = dict(self.compactor.stats)
+        return out
+
+    def _checkpointer(self) -> Checkpointer:
+        """The branch's Checkpointer, (re)loaded from the store while no compaction pass runs."""
+        if self._ckpt is None:
+            c = self.config
+            ck = Checkpointer(self.store, c["run"], c["branch"], **self._kwargs)
+            if self.compactor is None:
+                ck.head()
+            else:
+                with self.compactor.lock:
+                    ck.head()  # loads head, reconstruction and index from the store
+                    self.compactor.reset()
+            self._ckpt = ck
+        return self._ckpt
+
+    def _retrying(self, what: str, fn: Callable[[int], object]):
+        """fn(attempt) with retries on store errors, the Checkpointer rebuilt from the store after each."""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return fn(attempt)
+            except (StoreError, OSError) as exc:
+                self._ckpt = None  # its memory may now differ from the store: reload before retrying
+                if attempt == self.retry.attempts:
+                    raise StoreError(f"{what} failed after {attempt} attempts: {' '.join(str(exc).split())}") from None
+                self.stats["retries"] += 1
+                time.sleep(self.retry.delay(attempt))
+
+    def save(self, step: int, buf: np.ndarray, meta_json: str, slices=None, tags=None, snapshot: bool = False) -> dict:
+        """Commit one checkpoint from a buffer made by :func:`pack_state`; returns its record."""
+        t0 = time.monotonic()
+        step = int(step)
+        if self._failure is not None:
+            self.stats["skipped"] += 1
+            raise SaveSkippedError(f"save of step {step} skipped: the save of step {self._failure[0]} failed: {self._failure[1]}")
+        try:
+            meta = json.loads(meta_json)
+            tensors = unpack_state(buf, meta)
+            model = tensors["model"]
+            optimizer = None
+            if "optim" in tensors:
+                optimizer = _OptimizerState(st.optimizer_state_dict(tensors["optim"], meta["optimizer"]))
+            extra = st.extra_from(tensors.get("extra", {}), meta["extra"]) if "extra" in meta else None
+
+            def attempt(n: int) -> str:
+                ck = self._checkpointer()
+                head = ck.head()
+                if n > 1 and head is not None and head["step"] == step:
+                    return head["id"]  # an earlier attempt committed it before failing
+                if "rng" in tensors:  # the worker's generators, where the Checkpointer reads them
+                    st.set_rng({k: v.clone() for k, v in tensors["rng"].items()}, meta["rng"])
+                return ck.save(step, model, optimizer, extra, slices=slices, tags=tags, snapshot=snapshot)
+
+            cid = self._retrying(f"save of step {step}", attempt)
+            if self.compactor is not None:
+                self.compactor.committed(self._ckpt.index.get(self.config["branch"], step))
+        except Exception as exc:
+            self._failure = (step, f"{type(exc).__name__}: {exc}")
+            self.stats["failed"] += 1
+            raise
+        finally:
+            self.stats["busy_s"] += time.monotonic() - t0
+        self.stats["saves"] += 1
+        return {"id": cid, "step": step, "start": t0, "end": time.monotonic()}
+
+    def clear_failure(self) -> None:
+        """Accept saves again (the client has raised the error)."""
+        self._failure = None
+
+    def close(self, compact_tail: bool = True) -> None:
+        """Stop background compaction and compact what is left (the tail too, if ``compact_tail``)."""
+        if self.compactor is None:
+            return
+        self.compactor.stop()
+        self._retrying("compaction at close", lambda n: self.compactor.compact(tail=compact_tail))
+
+    def head(self) -> dict | None:
+        return self._retrying("reading the head", lambda n: self._checkpointer().head())
+
+
+CheckpointActor = ray.remote(max_concurrency=1)(CheckpointService)
+"""The Ray actor class: ``CheckpointActor.options(name=actor_name(run, branch)).remote(uri, run, branch, …)``."""
+
+
+# -- the client --------------------------------------------------------------------------------
+def _cause(exc: BaseException) -> BaseException:
+    """The original exception inside a Ray error (same type, same message)."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(getattr(exc, "cause", None), BaseException):
+        return exc.cause
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return CheckpointActorError(f"the checkpoint actor died: {' '.join(str(exc).split())[:300]}")
+    return exc
+
+
+class _Ticket:
+    """One save on its way: packed on the training thread, sent by the sender thread."""
+
+    __slots__ = ("step", "sent", "ref", "error")
+
+    def __init__(self, step: int):
+        self.step = step
+        self.sent = threading.Event()
+        self.ref = None  # the actor call's ObjectRef, once sent
+        self.error: BaseException | None = None  # ray.put / submission failed
+
+
+class AsyncCheckpointer:
+    """Checkpointer.save without the wait: hand the state to the branch's CheckpointActor.
+
+    ``save`` copies the state into one CPU buffer (:func:`pack_state`, ~50 µs for LeNet-5) and
+    returns; a sender thread puts the buffer in the object store and calls the actor, so neither
+    the ``ray.put`` nor the call is on the training path. At most ``max_pending`` saves are in
+    flight (packed, sent or being written); the next ``save`` waits for the oldest.
+
+    ``store`` is a URI (the actor opens it; nothing holding credentials is sent). Keyword
+    arguments not named below go to :class:`~raybranch.Checkpointer` (bits, granularity,
+    snapshot_every, segment_size, exact, min_lossy_numel, optimizer_codec, save_rng).
+    ``actor_options`` are passed to ``CheckpointActor.options`` (default: 0 CPUs reserved, on
+    this node when possible, so the object-store hand-over stays zero-copy). ``records`` keeps
+    the last ``keep_records`` completed saves ({id, step, start, end}; monotonic clock).
+    """
+
+    def __init__(self, store: str, run: str, branch: str = "main", *, max_pending: int = DEFAULT_MAX_PENDING,
+                 retry: RetryPolicy | None = None, store_factory: Callable[[str], Store] | None = None,
+                 actor_options: dict | None = None, keep_records: int = 1000, **checkpointer_kwargs):
+        if not isinstance(store, str):
+            raise RaybranchError(f"AsyncCheckpointer takes a store URI, not {type(store).__name__}: the actor opens the store itself")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise RaybranchError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if "device" in checkpointer_kwargs:
+            raise RaybranchError("device is not an AsyncCheckpointer option: the actor encodes on its own device")
+        if not ray.is_initialized():
+            raise RaybranchError("AsyncCheckpointer needs Ray: call ray.init() or run inside a Ray worker")
+        self.uri, self.run, self.branch = store, check_name("run", run), check_name("branch", branch)
+        self.max_pending = max_pending
+        self.store_factory = store_factory
+        self._save_rng = checkpointer_kwargs.get("save_rng")
+        self.actor = self._attach(store, checkpointer_kwargs, retry, actor_options)
+        self._pending: deque[_Ticket] = deque()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None
+        self.records: deque = deque(maxlen=keep_records)  # the latest completed saves: id, step, start, end
+        self.stats = {"saves": 0, "blocked": 0, "blocked_s": 0.0, "handoff_s": 0.0}
+        self._closed = False
+
+    def _attach(self, store, checkpointer_kwargs, retry, actor_options):
+        """The branch's actor: created here, or the running one when its settings match."""
+        name = actor_name(self.run, self.branch)
+        opts = {"num_cpus": 0, "name": name, "get_if_exists": True}
+        if "scheduling_strategy" not in (actor_options or {}):
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        opts.update(actor_options or {})
+        opts["max_concurrency"] = 1  # saves of a branch must stay ordered
+        want = {"store": store, "run": self.run, "branch": self.branch, "checkpointer": dict(checkpointer_kwargs)}
+        for attempt in range(1, 7):
+            actor = CheckpointActor.options(**opts).remote(store, self.run, self.branch, checkpointer_kwargs, retry, self.store_factory)
+            try:
+                have = ray.get(actor.get_config.remote())
+            except ray.exceptions.RayActorError as exc:
+                if exc.actor_init_failed or attempt == 6:
+                    lines = [ln.strip() for ln in str(getattr(exc, "error_msg", exc)).splitlines() if ln.strip()]
+                    raise CheckpointActorError(f"cannot start checkpoint actor {name!r}: {lines[-1] if lines else exc}") from None
+                time.sleep(0.05 * 2 ** attempt)  # an actor of that name was exiting: its name is freed shortly
+                continue
+            if have != want:
+                raise RaybranchError(f"checkpoint actor {name!r} already runs with other settings ({have}); close it first")
+            return actor
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None, snapshot: bool = False) -> str:
+        """Queue a checkpoint of ``model`` at ``step``; returns the id it will have.
+
+        Raises the error of an earlier save that failed (nothing of this step is queued then).
+        Blocks while ``max_pending`` saves are in flight.
+        """
+        if self._closed:
+            raise RaybranchError(f"AsyncCheckpointer of {self.run}/{self.branch} is closed")
+        step = int(step)
+        self._collect(keep=self.max_pending - 1)
+        t0 = time.perf_counter()
+        rng = self._save_rng if self._save_rng is not None else optimizer is not None
+        buf, meta = pack_state(model, optimizer, extra, rng)
+        ticket = _Ticket(step)
+        self._pending.append(ticket)
+        self._outbox.put((ticket, buf, meta, list(slices or []), list(tags or []), snapshot))
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name=f"raybranch-send-{self.branch}", daemon=True)
+            self._sender.start()
+        self.stats["handoff_s"] += time.perf_counter() - t0
+        self.stats["saves"] += 1
+        return f"{self.run}/{self.branch}/{step}"
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            ticket, buf, meta, slices, tags, snapshot = item
+            try:
+                ticket.ref = self.actor.save.remote(ticket.step, ray.put(buf), meta, slices, tags, snapshot)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                ticket.error = exc
+            finally:
+                del item, buf
+                ticket.sent.set()
+
+    @property
+    def pending(self) -> int:
+        """Saves handed over and not yet seen finished."""
+        return len(self._pending)
+
+    def flush(self) -> None:
+        """Wait for every pending save; raise the first error."""
+        self._collect(keep=0)
+
+    def close(self, terminate: bool = True) -> None:
+        """flush, compact the tail of the branch, and (``terminate``) let the actor exit."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self._sender is not None:
+            self._outbox.put(None)
+            self._sender.join()
+        self._get(self.actor.close.remote())
+        if terminate:
+            self._terminate()
+
+    def _terminate(self) -> None:
+        """Let the actor exit and wait until its name is free for the branch's next actor."""
+        try:
+            ray.get(self.actor.__ray_terminate__.remote())
+        except ray.exceptions.RayActorError:
+            pass
+        name, deadline, delay = actor_name(self.run, self.branch), time.monotonic() + 10.0, 0.005
+        while time.monotonic() < deadline:
+            try:
+                if ray.get_actor(name)._actor_id != self.actor._actor_id:
+                    return  # someone already started a new one
+            except ValueError:
+                return
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+
+    def _collect(self, keep: int) -> None:
+        """Take finished saves off the queue, waiting on the oldest while more than ``keep`` remain."""
+        sent = [t.ref for t in self._pending if t.sent.is_set() and t.ref is not None]
+        done = set(ray.wait(sent, num_returns=len(sent), timeout=0)[0]) if sent else set()
+        while self._pending and self._pending[0].sent.is_set() and (self._pending[0].error or self._pending[0].ref in done):
+            self._finish(self._pending.popleft())
+        while len(self._pending) > keep:
+            t0 = time.perf_counter()
+            ticket = self._pending[0]
+            ticket.sent.wait()
+            if ticket.ref is not None:
+                ray.wait([ticket.ref], num_returns=1)
+            self.stats["blocked"] += 1
+            self.stats["blocked_s"] += time.perf_counter() - t0
+            self._finish(self._pending.popleft())
+
+    def _finish(self, ticket: _Ticket) -> None:
+        try:
+            if ticket.error is not None:
+                raise ticket.error
+            self.records.append(ray.get(ticket.ref))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, never swallowed
+            first = _cause(exc)
+            for t in self._pending:  # the actor refuses the saves queued after a failure: drain them
+                t.sent.wait()
+                if t.ref is not None:
+                    try:
+                        ray.get(t.ref)
+                    except Exception:  # noqa: BLE001 - a SaveSkippedError that follows from `first`
+                        pass
+            self._pending.clear()
+            if not isinstance(first, CheckpointActorError):
+                self._get(self.actor.clear_failure.remote())
+            raise first from None
+
+    def _get(self, ref):
+        try:
+            return ray.get(ref)
+        except Exception as exc:  # noqa: BLE001
+            raise _cause(exc) from None
+
+    # -- reading --------------------------------------------------------------------------------
+    def _store(self) -> Store:
+        return (self.store_factory or open_store)(self.uri)
+
+    def restore(self, step: int | None = None, branch: str | None = None) -> dict:
+        """flush, then restore from the store in this process (see :meth:`Checkpointer.restore`)."""
+        self.flush()
+        return Reader(self._store(), self.run).restore(branch or self.branch, step)
+
+    def log(self, branch: str | None = None) -> list[dict]:
+        """flush, then every committed checkpoint of the branch, oldest first."""
+        self.flush()
+        entries = RunIndex(self._store(), self.run).entries(branch or self.branch, refresh=True)
+        return [log_record(e) for e in entries.values()]
+
+    def head(self) -> dict | None:
+        self.flush()
+        return self._get(self.actor.head.remote())
+
+    def actor_stats(self) -> dict:
+        """The actor's counters: saves, retries, failed, skipped, busy_s."""
+        return self._get(self.actor.get_stats.remote())
+
+    def __enter__(self) -> "AsyncCheckpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+__all__ = [
+    "AsyncCheckpointer",
+    "CheckpointActor",
+    "CheckpointActorError",
+    "BackgroundCompactor",
+    "CheckpointService",
+    "RetryPolicy",
+    "SaveSkippedError",
+    "actor_name",
+    "pack_state",
+    "unpack_state",
+]
