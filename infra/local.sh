@@ -8,9 +8,15 @@
 # Ports (all bound to 127.0.0.1; override with the variables on the right):
 #   6379   Ray GCS                                   RAYBRANCH_RAY_PORT
 #   8265   Ray dashboard + Jobs API (RAY_ADDRESS)    RAYBRANCH_DASHBOARD_PORT
+#   52365  Ray dashboard agent (Jobs run through it) RAYBRANCH_DASHBOARD_AGENT_PORT
+#   10001  Ray client server                         RAYBRANCH_RAY_CLIENT_PORT
 #   8333   SeaweedFS S3 (its gRPC side: 18333)       RAYBRANCH_S3_PORT
-#   SeaweedFS master/volume/filer take free ports p in [15000, 22768) and p+10000 (see .local/s3/weed.log).
-#   Ray's internal ports (node manager, object manager, workers, agents) are chosen by Ray.
+#   23000-24999  Ray workers                       RAYBRANCH_RAY_WORKER_PORTS (as MIN-MAX)
+#   SeaweedFS master/volume/filer take free ports p in [20000, 22768) and p+10000 (see .local/s3/weed.log).
+#   Ray's other internal ports (node manager, object manager, agents, metrics) are chosen by Ray.
+# Ray 2.60 turns --node-ip-address=127.0.0.1 into the host's own IP (services.resolve_ip_for_localhost)
+# and binds GCS, raylet and agents on all interfaces; only the dashboard/Jobs API and S3 stay on
+# 127.0.0.1. Keep the other Ray ports behind a firewall on a shared network.
 #
 # Other knobs: PYTHON (default: python; use the venv's), RAYBRANCH_NUM_CPUS (default: nproc),
 # RAYBRANCH_LOCAL_DIR (default: <repo>/.local; holds S3 data, logs, pid files, Ray's temp dir).
@@ -26,8 +32,11 @@ STATE="${RAYBRANCH_LOCAL_DIR:-$ROOT/.local}"
 PY="${PYTHON:-python}"
 RAY_PORT="${RAYBRANCH_RAY_PORT:-6379}"
 DASHBOARD_PORT="${RAYBRANCH_DASHBOARD_PORT:-8265}"
+AGENT_PORT="${RAYBRANCH_DASHBOARD_AGENT_PORT:-52365}"
+CLIENT_PORT="${RAYBRANCH_RAY_CLIENT_PORT:-10001}"
 S3_PORT="${RAYBRANCH_S3_PORT:-8333}"
 NUM_CPUS="${RAYBRANCH_NUM_CPUS:-$(nproc)}"
+WORKER_PORTS="${RAYBRANCH_RAY_WORKER_PORTS:-23000-24999}"  # Ray's default 10002-19999 would overlap S3's gRPC port
 BUCKET=raybranch
 S3_DIR="$STATE/s3"
 S3_OUT="$STATE/s3.out"
@@ -41,17 +50,23 @@ alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
 
 pid_from() { [[ -f "$1" ]] && cat "$1" || true; }
 
-# Every process of this Ray head: those naming its temp dir, plus their descendants (workers, agents).
+# Every process of this Ray head: those naming its temp dir or its GCS address (the client server),
+# plus their descendants (workers, agents).
+ray_tmp_pattern() { printf '%s' "$RAY_TMP" | sed 's/[][\.*^$+?(){}|]/\\&/g'; }
+
+ray_gcs_running() { pgrep -f -- "gcs_server .*=$(ray_tmp_pattern)/" >/dev/null; }
+
 ray_pids() {
   local frontier all child
-  frontier="$(pgrep -f -- "--[a-z_-]*=$RAY_TMP/" || true)"
+  frontier="$(pgrep -f -- "=$(ray_tmp_pattern)(/| |\$)|ray\.util\.client\.server --address=[^ ]*:$RAY_PORT( |\$)" || true)"
   all="$frontier"
   while [[ -n "$frontier" ]]; do
     child="$(for p in $frontier; do pgrep -P "$p" || true; done)"
     all="$all $child"
     frontier="$child"
   done
-  echo $all | tr ' ' '\n' | sort -un | tr '\n' ' '
+  [[ -z "${all//[[:space:]]/}" ]] && return 0
+  printf '%s\n' $all | sort -un | tr '\n' ' '
 }
 
 s3_up() {
@@ -60,6 +75,7 @@ s3_up() {
     return
   fi
   mkdir -p "$STATE"
+  : >"$S3_OUT"  # truncate now: the background redirect below happens asynchronously
   nohup "$PY" -m raybranch.testing.seaweed up --dir "$S3_DIR" --port "$S3_PORT" --bucket "$BUCKET" \
     --grace 3 >"$S3_OUT" 2>&1 </dev/null &
   local pid=$!
@@ -83,16 +99,19 @@ s3_up() {
 }
 
 ray_up() {
-  if [[ -n "$(ray_pids)" ]]; then
+  if ray_gcs_running; then
     echo "Ray: already running (temp dir $RAY_TMP)"
     return
   fi
+  [[ -n "$(ray_pids)" ]] && ray_down  # leftovers of a head whose GCS is gone
   mkdir -p "$RAY_TMP"
   # The head (and so every job and worker) gets the S3 credentials and store URI in its environment.
   env $(grep '^export AWS_' "$S3_OUT" | sed 's/^export //') RAYBRANCH_STORE="$(store_uri)" \
     RAY_AUTH_MODE=token "$PY" -m ray.scripts.scripts start --head \
     --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+    --dashboard-agent-listen-port="$AGENT_PORT" --ray-client-server-port="$CLIENT_PORT" \
+    --min-worker-port="${WORKER_PORTS%-*}" --max-worker-port="${WORKER_PORTS#*-}" \
     --num-cpus="$NUM_CPUS" --temp-dir="$RAY_TMP" --disable-usage-stats >"$STATE/ray-start.out" 2>&1 \
     || { echo "Ray: failed to start; $STATE/ray-start.out says:" >&2; tail -n 40 "$STATE/ray-start.out" >&2; exit 1; }
   echo "Ray: head up at 127.0.0.1:$RAY_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT"
@@ -154,7 +173,7 @@ status() {
   else
     echo "S3: not running"
   fi
-  if [[ -n "$(ray_pids)" ]]; then
+  if ray_gcs_running; then
     echo "Ray: running (temp dir $RAY_TMP)"
     ray_cli status --address="127.0.0.1:$RAY_PORT" 2>&1 | sed 's/^/  /' || true
   else

@@ -36,6 +36,11 @@ else under the run are ``shared_bytes``; the run-level ratio divides every check
 run by ``store.total_bytes(run)``, everything counted once.
 
     compression_ratio = checkpoints × bytes(torch.save(model.state_dict())) ÷ bytes_stored
+
+``checkpoints`` counts training checkpoints (one per optimizer step, plus the branch point);
+the ``settle`` checkpoints at slice ends (same state re-coded, see :mod:`raybranch.train.loop`)
+are counted apart (``settle_checkpoints``): their bytes are in ``bytes_stored``, but they do
+not add to the numerator.
     space_savings     = 1 − bytes_stored ÷ (checkpoints × bytes(torch.save(...)))
 
 ``torch.save`` is of the mechanism's live model (for Delta-LoRA: W, b, A, B and the rest —
@@ -62,7 +67,7 @@ from ..lora import inject_delta_lora, merge_and_reinit_
 from ..models import build_model
 from ..poison import attack_success_rate, flip_labels, poison_backdoor, trigger_value
 from ..store.store import Store, open_store
-from ..train.loop import checkpoint_state, evaluate_accuracy, load_checkpoint, train_slice
+from ..train.loop import SETTLE_TAG, checkpoint_state, evaluate_accuracy, load_checkpoint, train_slice
 from .slices import BRANCH_POINT_TAG, step_before_slice
 
 MECHANISMS = ("lc", "lc+dlora")
@@ -98,11 +103,12 @@ class ExperimentConfig:
     epochs: int = 30                   # per slice, at most
     patience: int = 4                  # epochs without a better validation accuracy
     checkpoint_every: int = 1
+    settle: int = 2                    # extra checkpoints of the slice-end state (see train.loop)
     poison: str = "backdoor"           # backdoor | flip | none
     poison_slice: int = 3              # 1-based; also the slice quarantined
-    poison_rate: float = 0.3           # share of the slice's images poisoned
+    poison_rate: float = 0.2           # share of the slice's images poisoned
     poison_target: int = 0
-    trigger_size: int = 3
+    trigger_size: int = 6              # px of 28 (a 3 px patch is not learnt before early stopping)
     mechanisms: tuple[str, ...] = MECHANISMS
     bits: int = 3
     granularity: str = "global"
@@ -206,6 +212,7 @@ def attribute_bytes(store: Store, run: str, branches: list[str]) -> tuple[dict[s
     for b in branches:
         entries = index.entries(b, refresh=True)
         own = [e for e in entries.values() if e["kind"] != "ref"]
+        settle = sum(1 for e in own if SETTLE_TAG in e.get("tags", []))
         blob_bytes = 0
         for e in own:
             h, size = e["blob"]
@@ -213,7 +220,7 @@ def attribute_bytes(store: Store, run: str, branches: list[str]) -> tuple[dict[s
                 charged.add(h)
                 blob_bytes += int(size)
         docs = store.total_bytes(f"{run}/manifests/{b}") + store.total_bytes(f"{run}/segments/{b}")
-        out[b] = {"bytes_stored": blob_bytes + docs, "checkpoints": len(own)}
+        out[b] = {"bytes_stored": blob_bytes + docs, "checkpoints": len(own) - settle, "settle_checkpoints": settle}
     total = store.total_bytes(run)
     return out, total - sum(v["bytes_stored"] for v in out.values()), total
 
@@ -262,7 +269,7 @@ class Experiment:
         res = train_slice(
             model, opt, self.data.slices[k - 1], epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
             ckpt=ckpt, step0=step0, slice_id=k, eval_fn=self.val_acc, patience=self.cfg.patience,
-            checkpoint_every=self.cfg.checkpoint_every, seed=self.cfg.seed, on_step=self.hooks.step, log=self.log,
+            checkpoint_every=self.cfg.checkpoint_every, settle=self.cfg.settle, seed=self.cfg.seed, on_step=self.hooks.step, log=self.log,
         )
         if merge == "slice-end":
             merge_and_reinit_(model, self.merge_generator(k))
@@ -317,15 +324,18 @@ class Experiment:
         k_bad = cfg.poison_slice
         verified = [k for k in range(1, n + 1) if k != k_bad]
         ck_kwargs = dict(bits=cfg.bits, granularity=cfg.granularity, snapshot_every=cfg.snapshot_every,
-                         segment_size=cfg.segment_size)
+                         segment_size=cfg.segment_size, save_rng=False)  # batch order is seeded, not global RNG
         template = self.with_lora(bp) if lora else copy.deepcopy(bp)
         ts_bytes = torch_save_bytes(template)
 
         main_ck = Checkpointer(self.store, run, "main", **ck_kwargs)
         main_model = copy.deepcopy(template)
+        main_opt = self.optimizer(main_model, lora)
         state, extra = checkpoint_state(main_model, lora)
-        main_ck.save(0, state, None, extra, tags=[BRANCH_POINT_TAG])
-        branches = {"main": {"ck": main_ck, "model": main_model, "opt": self.optimizer(main_model, lora),
+        # with the optimizer, so that the training checkpoints share its layout (a new layout
+        # would start a new snapshot)
+        main_ck.save(0, state, main_opt, extra, tags=[BRANCH_POINT_TAG])
+        branches = {"main": {"ck": main_ck, "model": main_model, "opt": main_opt,
                              "step": 0, "slices": list(range(1, n + 1)), "per_slice": [], "results": []}}
         if branches_only is None or "clean" in branches_only:
             clean_ck = main_ck.fork("clean", step=0)
@@ -373,6 +383,7 @@ class Experiment:
                 "bytes_stored": stored,
                 "bytes_torch_save": ck_n * ts_bytes,
                 "checkpoints": ck_n,
+                "settle_checkpoints": a["settle_checkpoints"],
                 "acc_restored": self.acc(heads[b]),
                 "acc_live": self.acc(branches[b]["model"]) if b in branches else rep.pop("_replay_acc_live"),
                 "acc_full": full_of[b]["acc"],
@@ -386,6 +397,7 @@ class Experiment:
         out["run_total"] = {
             "bytes_stored": total, "shared_bytes": shared,
             "checkpoints": sum(a["checkpoints"] for a in attributed.values()),
+            "settle_checkpoints": sum(a["settle_checkpoints"] for a in attributed.values()),
             "compression_ratio": sum(a["checkpoints"] for a in attributed.values()) * ts_bytes / total,
         }
         out["timings"] = {b: dict(br["ck"].timings) for b, br in branches.items()}

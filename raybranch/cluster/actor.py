@@ -94,7 +94,8 @@ def actor_name(run: str, branch: str) -> str:
 _ALIGN = 64  # every tensor starts on a 64-byte boundary of the buffer
 
 
-def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = False) -> tuple[np.ndarray, str]:
+def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = False,
+               alloc: Callable[[int], torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
     """(buffer, meta JSON) of a training state, ready for ``ray.put``.
 
     The buffer is one contiguous uint8 array holding a copy of every tensor (model, optimizer
@@ -102,7 +103,9 @@ def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = Fal
     copied straight into it. ``meta`` lists [group, name, dtype, shape, offset] per tensor
     (group ∈ model, optim, rng, extra) and holds the JSON parts (optimizer hyper-parameters, RNG
     scalars, non-tensor extras). One array is the cheapest thing to put in the object store, and
-    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`).
+    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`). ``alloc(n)``
+    supplies the uint8 buffer (to reuse buffers); the buffer is returned as a tensor
+    (``.numpy()`` is a view of it).
     """
     groups: dict[str, dict[str, torch.Tensor]] = {"model": st.model_tensors(model)}
     meta: dict = {}
@@ -117,13 +120,13 @@ def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = Fal
         for k, t in ts.items():
             layout.append([g, k, st.dtype_name(t.dtype), list(t.shape), total])
             total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    buf = torch.empty(total, dtype=torch.uint8)
+    buf = alloc(total) if alloc is not None else torch.empty(total, dtype=torch.uint8)
     for (g, k, _, _, off) in layout:
         t = groups[g][k]
         if t.numel():
             buf[off : off + t.numel() * t.element_size()].view(t.dtype).copy_(t.detach().reshape(-1))
     meta["tensors"] = layout
-    return buf.numpy(), json.dumps(meta)
+    return buf, json.dumps(meta)
 
 
 def unpack_state(buf: np.ndarray, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -422,6 +425,7 @@ class AsyncCheckpointer:
         self.actor = self._attach(store, checkpointer_kwargs, retry, actor_options)
         self._pending: deque[_Ticket] = deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: deque[torch.Tensor] = deque(maxlen=2)  # packing buffers the sender is done with
         self._sender: threading.Thread | None = None
         self.records: deque = deque(maxlen=keep_records)  # the latest completed saves: id, step, start, end
         self.stats = {"saves": 0, "blocked": 0, "blocked_s": 0.0, "handoff_s": 0.0}
@@ -465,7 +469,7 @@ class AsyncCheckpointer:
         self._collect(keep=self.max_pending - 1)
         t0 = time.perf_counter()
         rng = self._save_rng if self._save_rng is not None else optimizer is not None
-        buf, meta = pack_state(model, optimizer, extra, rng)
+        buf, meta = pack_state(model, optimizer, extra, rng, alloc=self._alloc)
         ticket = _Ticket(step)
         self._pending.append(ticket)
         self._outbox.put((ticket, buf, meta, list(slices or []), list(tags or []), snapshot))
@@ -483,12 +487,22 @@ class AsyncCheckpointer:
                 return
             ticket, buf, meta, slices, tags, snapshot = item
             try:
-                ticket.ref = self.actor.save.remote(ticket.step, ray.put(buf), meta, slices, tags, snapshot)
+                ref = ray.put(buf.numpy())  # copies into the object store: the buffer is free again
+                self._free.append(buf)
+                ticket.ref = self.actor.save.remote(ticket.step, ref, meta, slices, tags, snapshot)
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 ticket.error = exc
             finally:
                 del item, buf
                 ticket.sent.set()
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        """A free packing buffer of ``n`` bytes (reused: no fresh pages to fault in every step)."""
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            return torch.empty(n, dtype=torch.uint8)
+        return buf if buf.numel() == n else torch.empty(n, dtype=torch.uint8)
 
     @property
     def pending(self) -> int:
@@ -513,11 +527,12 @@ class AsyncCheckpointer:
             self._terminate()
 
     def _terminate(self) -> None:
-        """Let the actor exit and wait until its name is free for the branch's next actor."""
-        try:
-            ray.get(self.actor.__ray_terminate__.remote())
-        except ray.exceptions.RayActorError:
-            pass
+        """End the actor (idle: every save is flushed) and wait until its name is free again.
+
+        ``ray.kill``, not ``__ray_terminate__``: after a graceful exit Ray 2.60 keeps the name
+        registered to the dead actor, and ``get_if_exists`` would keep handing that one out.
+        """
+        ray.kill(self.actor, no_restart=True)
         name, deadline, delay = actor_name(self.run, self.branch), time.monotonic() + 10.0, 0.005
         while time.monotonic() < deadline:
             try:

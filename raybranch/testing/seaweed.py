@@ -104,7 +104,10 @@ def find_weed_binary() -> str:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether a listener could bind ``127.0.0.1:port`` (as Go does: SO_REUSEADDR, so
+    connections lingering in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
@@ -113,10 +116,11 @@ def _port_is_free(port: int) -> bool:
 
 
 def _candidate_port_range() -> tuple[int, int]:
-    """Ports ``p`` such that ``p`` and ``p + 10000`` both lie below the ephemeral range.
+    """Ports ``p`` such that ``p`` and ``p + 10000`` both lie in [20000, ephemeral range).
 
-    Outgoing client connections take their local port from the ephemeral range, so a
-    listener placed below it cannot be raced by them.
+    Outgoing client connections take their local port from the ephemeral range (Linux:
+    32768-60999), and Ray workers take theirs from 10002-19999 by default; a listener placed
+    between them is raced by neither.
     """
     low_ephemeral = 32768
     try:
@@ -124,7 +128,7 @@ def _candidate_port_range() -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     top = low_ephemeral - GRPC_PORT_OFFSET
-    return (15000, top) if top > 15500 else (15000, 25000)
+    return (20000, top) if top > 20100 else (20000, 25000)
 
 
 def _pick_ports(count: int, fixed: dict[int, int] | None = None) -> list[int]:

@@ -42,9 +42,10 @@ def _run_and_kill(uri: str, root: str | None, rng: random.Random, mode: str) -> 
             printed.append(int(line))
         if mode == "tmpfile":  # kill while a file is half written
             deadline = time.monotonic() + 60
-            while not _tmp_files(root) and time.monotonic() < deadline:
-                pass
-            assert _tmp_files(root), "never saw the writer mid-write"
+            seen: list[str] = []
+            while not seen and time.monotonic() < deadline:
+                seen = _tmp_files(root)
+            assert seen, "never saw the writer mid-write"
         else:  # kill at a random moment of the next save(s)
             time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)

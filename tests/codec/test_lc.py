@@ -21,7 +21,7 @@ from hypothesis import strategies as hs
 
 from raybranch.codec.delta import DeltaEncoder, apply_delta
 from raybranch.codec.lc import LCParams, SegmentLayout, dequantize, quantize
-from raybranch.codec.streams import decode_positions, encode_symbols
+from raybranch.codec.streams import decode_positions
 from raybranch.errors import NonFiniteError, RaybranchError
 
 torch.set_num_threads(1)
