@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Local raybranch stack on this machine, loopback only: a Ray head and a SeaweedFS S3 server.
+# Local raybranch stack on this machine: a Ray head and a SeaweedFS S3 server, addressed via 127.0.0.1.
 #
 #   infra/local.sh up      start both (idempotent), create bucket "raybranch", print what to export
 #   infra/local.sh down    stop both
 #   infra/local.sh status  show what runs
 #
-# Ports (all bound to 127.0.0.1; override with the variables on the right):
+# Ports (override with the variables on the right):
 #   6379   Ray GCS                                   RAYBRANCH_RAY_PORT
 #   8265   Ray dashboard + Jobs API (RAY_ADDRESS)    RAYBRANCH_DASHBOARD_PORT
 #   52365  Ray dashboard agent (Jobs run through it) RAYBRANCH_DASHBOARD_AGENT_PORT

@@ -109,6 +109,8 @@ def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = Fal
     """
     groups: dict[str, dict[str, torch.Tensor]] = {"model": st.model_tensors(model)}
     meta: dict = {}
+    if isinstance(model, torch.nn.Module):  # the Checkpointer groups a module's buffers apart
+        meta["buffers"] = [n for n, _ in model.named_buffers()]
     if optimizer is not None:
         groups["optim"], meta["optimizer"] = st.optimizer_tensors(optimizer)
     if rng:
@@ -140,6 +142,20 @@ def unpack_state(buf: np.ndarray, meta: dict) -> dict[str, dict[str, torch.Tenso
         n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
         out.setdefault(g, {})[k] = whole[off : off + n].view(dt).reshape(shape)
     return out
+
+
+class _ModuleState(torch.nn.Module):
+    """A module as far as Checkpointer.save reads one: its state_dict and its buffers' names."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], buffers: list[str]):
+        super().__init__()
+        self._rb_sd, self._rb_buffers = sd, buffers
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self._rb_sd
+
+    def named_buffers(self, *args, **kwargs):
+        return ((n, self._rb_sd.get(n)) for n in self._rb_buffers)
 
 
 class _OptimizerState:
@@ -323,7 +339,7 @@ class CheckpointService:
         try:
             meta = json.loads(meta_json)
             tensors = unpack_state(buf, meta)
-            model = tensors["model"]
+            model = tensors["model"] if "buffers" not in meta else _ModuleState(tensors["model"], meta["buffers"])
             optimizer = None
             if "optim" in tensors:
                 optimizer = _OptimizerState(st.optimizer_state_dict(tensors["optim"], meta["optimizer"]))

@@ -194,7 +194,8 @@ class SeaweedServer:
         if startup_deadline_s <= 0:
             raise ValueError(f"bad startup_deadline_s {startup_deadline_s!r}: must be > 0")
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        # absolute: weed runs with cwd=data_dir, where a relative -dir would nest
+        self.data_dir = Path(data_dir).expanduser().absolute() if data_dir is not None else None
         self.access_key = access_key
         self.secret_key = secret_key
         self.region = region

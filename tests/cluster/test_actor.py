@@ -148,6 +148,8 @@ def test_async_saves_restore_bit_identically_to_sync_checkpointer(file_uri, tmp_
         if step == 7:  # close and reopen mid-run: the new actor continues the branch from the store
             async_.close()
             async_ = AsyncCheckpointer(file_uri, "r1", "main", max_pending=3, **opts)
+            sync.close()
+            sync = rb.Checkpointer(rb.open_store(ref_uri), "r1", "main", **opts)
         extra = {"epoch": step // 4, "ema": model.fc2.bias.detach() * 0.5}
         cid = async_.save(step, model, opt, extra, slices=[step // 5], tags=["t"] if step == 9 else None)
         assert cid == sync.save(step, model, opt, extra, slices=[step // 5], tags=["t"] if step == 9 else None)

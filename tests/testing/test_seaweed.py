@@ -4,6 +4,11 @@ keys, and keeps its data across pause()/resume()."""
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -201,3 +206,31 @@ def test_owned_data_dir_is_removed_on_stop():
     finally:
         server.stop(grace_s=1.0)
     assert not data_dir.exists()
+
+
+def test_cli_up_prints_exports_and_stops_on_sigterm(tmp_path):
+    out_path = tmp_path / "cli.out"
+    command = [sys.executable, "-m", "raybranch.testing.seaweed", "up", "--dir", str(tmp_path / "s3"),
+               "--bucket", "cli-bucket", "--grace", "0.5"]
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while "ready:" not in out_path.read_text():
+            assert proc.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.1)
+        lines = out_path.read_text().splitlines()
+        endpoint = next(line.split(": ", 1)[1] for line in lines if line.startswith("endpoint: "))
+        store = next(line.split(": ", 1)[1] for line in lines if line.startswith("store: "))
+        assert store == f"s3://cli-bucket/ckpts?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        assert "export AWS_SECRET_ACCESS_KEY=raybranch-secret" in lines
+        weed_pid = int(re.search(r"weed pid (\d+)", lines[-1]).group(1))
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="raybranch",
+                              aws_secret_access_key="raybranch-secret", region_name="us-east-1")
+        assert [b["Name"] for b in client.list_buckets()["Buckets"]] == ["cli-bucket"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(weed_pid, 0)
