@@ -183,7 +183,10 @@ class Checkpointer:
 
     def log(self, branch: str | None = None) -> list[dict]:
         """Every committed checkpoint of the branch, oldest first (fork points included)."""
-        entries = self.index.entries(branch or self.branch, refresh=True)
+        branch = branch or self.branch
+        entries = self.index.entries(branch, refresh=True)
+        if not entries and branch != self.branch:
+            self.index.get(branch)  # raises NotFoundError naming the known branches
         return [log_record(e) for e in entries.values()]
 
     def head(self) -> dict | None:

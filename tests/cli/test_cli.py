@@ -1,0 +1,139 @@
+"""The raybranch command line, run as a user runs it (a subprocess), against real stores."""
+import contextlib
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import raybranch as rb
+from raybranch.cli.main import main
+
+
+def cli(*args):
+    """In-process: ``main(argv)`` with stdout/stderr captured (one subprocess test below)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_entry_point_runs_as_a_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "raybranch.cli.main", "log", "--store", "ftp://x", "--run", "r"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("raybranch: error:")
+
+
+@pytest.fixture
+def populated(file_uri):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ck = rb.Checkpointer(file_uri, "exp1", "main", segment_size=4)
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    for step in range(10):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ck.save(step, model, slices=[1] if step == 9 else None, tags=["slice-end:1"] if step == 9 else None)
+    ck.fork("clean", step=5)
+    return file_uri, ck
+
+
+def test_log_table_and_json(populated):
+    uri, ck = populated
+    out = cli("log", "--store", uri, "--run", "exp1", "--branch", "main")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip().splitlines()) == 1 + 10
+    recs = json.loads(cli("log", "--store", uri, "--run", "exp1", "--json").stdout)
+    assert sorted({r["branch"] for r in recs}) == ["clean", "main"]
+    assert [r["step"] for r in recs if r["branch"] == "main"] == list(range(10))
+    main_recs = [r for r in recs if r["branch"] == "main"]
+    assert main_recs[0]["kind"] == "snapshot" and {r["kind"] for r in main_recs[1:]} == {"delta"}
+    assert [r["kind"] for r in recs if r["branch"] == "clean"] == ["ref"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_restore_writes_the_reconstruction(populated, tmp_path, suffix):
+    uri, ck = populated
+    path = str(tmp_path / f"m{suffix}")
+    out = cli("restore", "--store", uri, "--run", "exp1", "--branch", "main", "--step", "7", "--output", path)
+    assert out.returncode == 0, out.stderr
+    want = ck.restore(7)["model"]
+    got = load_file(path) if suffix == ".safetensors" else torch.load(path, weights_only=True)
+    assert list(got) == list(want) if suffix == ".pt" else set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_restore_of_fork_point_equals_parent(populated, tmp_path):
+    uri, ck = populated
+    path = str(tmp_path / "c.safetensors")
+    assert cli("restore", "--store", uri, "--run", "exp1", "--branch", "clean", "--output", path).returncode == 0
+    want = ck.restore(5)["model"]
+    got = load_file(path)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_verify_ok(populated):
+    uri, _ = populated
+    out = cli("verify", "--store", uri)
+    assert out.returncode == 0, out.stderr
+    assert "exp1: 11 checkpoints, OK" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["log", "--store", "ftp://x/y", "--run", "exp1"], "unsupported store URI scheme"),
+        (["log", "--store", "s3://", "--run", "exp1"], "malformed S3 URI"),
+        (["log", "--store", "STORE", "--run", "nope"], "run 'nope'"),
+        (["log", "--store", "STORE", "--run", "exp1", "--branch", "nope"], "branch 'nope'"),
+        (["restore", "--store", "STORE", "--run", "exp1", "--branch", "main", "--step", "99", "--output", "OUT.pt"], "no checkpoint at step 99"),
+        (["restore", "--store", "STORE", "--run", "exp1", "--branch", "main", "--output", "OUT.txt"], "--output must end"),
+        (["verify", "--store", "STORE", "--run", "nope"], "run 'nope' does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(populated, tmp_path, args, words):
+    uri, _ = populated
+    args = [uri if a == "STORE" else str(tmp_path / a) if a.startswith("OUT") else a for a in args]
+    out = cli(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raybranch: error:") and words in lines[0], out.stderr
+    assert not list(tmp_path.glob("OUT*"))
+
+
+def test_unreachable_endpoint_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = cli("log", "--store", f"s3://bucket/p?endpoint_override=http://127.0.0.1:{port}&retries=1&connect_timeout=1", "--run", "r")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "cannot reach" in out.stderr
+
+
+@pytest.mark.parametrize("sub", [[], ["log"], ["restore"], ["verify"], ["bench"], ["demo"]])
+def test_help(sub):
+    out = cli(*sub, "--help")
+    assert out.returncode == 0 and "usage: raybranch" in out.stdout
+
+
+def test_bench_codec_json_small():
+    out = cli("bench", "codec", "--steps", "40", "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["run"]["checkpoints"] == 41
+    for scheme in ("raybranch", "seed"):
+        r = res[scheme]
+        assert r["ratio"] > 1 and r["encode_MBps"] > 0 and r["restore_ms_median"] > 0
+    assert res["raybranch"]["ratio"] > res["seed"]["ratio"]
+    assert {f["snapshot_every"] for f in res["frontier"]} >= {None, 20}
