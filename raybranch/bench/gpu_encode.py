@@ -27,11 +27,12 @@ from ..codec.streams import pack_symbols, zstd_compress
 
 
 def _sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def bench_model(name: str, steps: int, batch: int, granularity: str) -> dict:
-    dev = torch.device("cuda")
+def bench_model(name: str, steps: int, batch: int, granularity: str, device: str = "cuda") -> dict:
+    dev = torch.device(device)
     model = getattr(torchvision.models, name)(num_classes=1000).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     params = [(n, p) for n, p in model.state_dict().items() if p.is_floating_point() and p.numel() >= 8]
@@ -45,7 +46,7 @@ def bench_model(name: str, steps: int, batch: int, granularity: str) -> dict:
     for i in range(steps):
         _sync()
         a = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,8 +86,44 @@ def bench_model(name: str, steps: int, batch: int, granularity: str) -> dict:
         "torch_save_ms": med(t_save) * 1e3,
         "delta_bytes_median": med(sizes),
         "delta_ratio_vs_fp32": n * 4 / med(sizes),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
     }
+
+
+def bench_checkpoint_overhead(name: str, steps: int, batch: int, store_dir: str, device: str = "cuda") -> dict:
+    """Training-step time with a synchronous ``Checkpointer.save`` every step vs none (same run)."""
+    from ..checkpoint.checkpointer import Checkpointer
+    from ..store.store import open_store
+
+    dev = torch.device(device)
+    model = getattr(torchvision.models, name)(num_classes=1000).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 224, 224, device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    ck = Checkpointer(open_store("file://" + store_dir, check=False), name, "main", segment_size=8)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = {"none": [], "save": []}
+    for i in range(2 * steps):
+        mode = "none" if i % 2 == 0 else "save"  # interleaved: both see the same warm-up and clocks
+        _sync()
+        a = time.perf_counter()
+        step()
+        if mode == "save" or i == 0:
+            ck.save(i, model)
+        _sync()
+        if i >= 4:
+            times[mode].append(time.perf_counter() - a)
+    ck.close()
+    none, save = statistics.mean(times["none"]), statistics.mean(times["save"])
+    return {"model": name, "step_ms": none * 1e3, "step_with_save_ms": save * 1e3, "overhead_pct": (save / none - 1) * 100,
+            "encode_s": ck.timings["encode_s"], "write_s": ck.timings["write_s"], "compact_s": ck.timings["compact_s"]}
 
 
 def main(argv=None) -> int:
@@ -94,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--store-dir", default=None, help="also measure step time with a Checkpointer.save every step into file://DIR")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures the on-device encoder")
@@ -111,6 +149,13 @@ def main(argv=None) -> int:
                     f"({r['delta_ratio_vs_fp32']:.0f}x vs fp32)",
                     flush=True,
                 )
+    if args.store_dir:
+        for name in ("resnet50", "vit_b_16"):
+            r = bench_checkpoint_overhead(name, args.steps, args.batch, f"{args.store_dir}/{name}")
+            out.append(r)
+            if not args.json:
+                print(f"{name:<9} step {r['step_ms']:.1f} ms, with a synchronous save every step {r['step_with_save_ms']:.1f} ms "
+                      f"(+{r['overhead_pct']:.0f} %; encode {r['encode_s']:.2f} s, write {r['write_s']:.2f} s, compact {r['compact_s']:.2f} s in all)", flush=True)
     if args.json:
         print(json.dumps(out, indent=1))
     return 0

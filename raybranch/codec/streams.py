@@ -16,6 +16,8 @@ side by side (≈8 % smaller than plain zstd for fp32 weights).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import zstandard
@@ -23,14 +25,17 @@ import zstandard
 FAST_LEVEL = 3  # on the training path
 COMPACT_LEVEL = 15  # compaction into segments: ~10 % smaller than level 3; 17-19 gain nothing more here
 
-_compressors: dict[int, zstandard.ZstdCompressor] = {}
+MT_THRESHOLD = 4 << 20  # larger inputs are compressed by several threads
+_THREADS = min(8, os.cpu_count() or 1)
+_compressors: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
 _decompressor = zstandard.ZstdDecompressor()
 
 
 def zstd_compress(data: bytes | memoryview, level: int = FAST_LEVEL) -> bytes:
-    c = _compressors.get(level)
+    threads = _THREADS if len(data) >= MT_THRESHOLD and _THREADS > 1 else 0
+    c = _compressors.get((level, threads))
     if c is None:
-        c = _compressors[level] = zstandard.ZstdCompressor(level=level)
+        c = _compressors[(level, threads)] = zstandard.ZstdCompressor(level=level, threads=threads)
     return c.compress(data)
 
 
