@@ -27,13 +27,17 @@ step the loop writes n more checkpoints of the *same* state at steps last + 1 �
 (tag ``settle``, no optimizer step): each codes δ = u − ũ = e, so the error shrinks by the
 codec's factor per round (3–4× measured on LeNet-5/digits at 3 bits) for one small delta each.
 The slice-end tag goes on the last of them. Report them apart from training checkpoints.
+``end_snapshot=True`` instead writes the slice end as an exact snapshot (no settle needed; one
+read restores it — what serving a branch's head at once asks for — at the price of a full copy).
 
 Non-finite loss (``nan_policy="rollback"``, the report's first motivation for checkpoints).
 A NaN/Inf loss, or a NaN/Inf parameter after a step, at step t: restore the branch head
 (its last good checkpoint, step m ≤ t − 1) into model and optimizer, set lr ← lr · ``lr_factor``
 in every parameter group, log ``step t: non-finite loss, rolled back to step m, lr → x`` and
 continue with the next batch (the offending batch is skipped; step ids keep counting, so a
-gap in the branch's steps marks the steps rolled back). Without a checkpointer the loop keeps
+gap in the branch's steps marks the steps rolled back). If the loss is non-finite again before
+any new checkpoint was written, the head itself is suspect (finite but exploded weights): that
+rollback goes one checkpoint further back. Without a checkpointer the loop keeps
 an in-memory copy of the last good state at each would-be checkpoint instead.
 ``nan_policy="raise"`` raises :class:`NonFiniteLossError` instead. More than ``max_rollbacks``
 rollbacks in one slice raise as well.
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -170,6 +175,7 @@ def train_slice(
     checkpoint_every: int = 1,
     restore_best: bool = False,
     settle: int = 0,
+    end_snapshot: bool = False,
     seed: int = 0,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -206,39 +212,53 @@ def train_slice(
     t_start = time.perf_counter()
     res = SliceResult(slice_id=slice_id, step0=step0, last_step=step0, steps=0, epochs=0, stopped_early=False)
     anchor = lora_anchor(model) if lora else None
-    last_good: dict | None = None if ckpt is not None else _snapshot(model, optimizer, step0)
+    # without a checkpointer: the last few good states in memory (a rollback that fails again
+    # before any progress goes one further back)
+    good: deque[dict] = deque([_snapshot(model, optimizer, step0)] if ckpt is None else [], maxlen=4)
+    progressed, last_target = True, None
     step = step0
     since_ckpt = 0
     best_state = None
     model.train()
 
+    n_settle = 0 if end_snapshot else settle
+
     def save(step_: int, end: bool) -> None:
-        nonlocal since_ckpt, step
+        nonlocal since_ckpt, step, progressed
         state, extra = checkpoint_state(model, lora, anchor)
         last_tags = [f"slice-end:{slice_id}"] if end else []
-        ckpt.save(step_, state, optimizer, extra, slices=[slice_id], tags=[] if end and settle else last_tags)
+        ckpt.save(step_, state, optimizer, extra, slices=[slice_id], tags=[] if end and n_settle else last_tags,
+                  snapshot=end and end_snapshot)
         res.checkpoints += 1
         since_ckpt = 0
+        progressed = True
         if end:
-            for i in range(1, settle + 1):
-                tags = ([SETTLE_TAG] + last_tags) if i == settle else [SETTLE_TAG]
+            for i in range(1, n_settle + 1):
+                tags = ([SETTLE_TAG] + last_tags) if i == n_settle else [SETTLE_TAG]
                 ckpt.save(step_ + i, state, optimizer, extra, slices=[slice_id], tags=tags)
                 res.checkpoints += 1
                 res.settle_checkpoints += 1
-            step = step_ + settle
+            step = step_ + n_settle
 
     def rollback(bad_step: int, why: str) -> None:
-        nonlocal last_good
+        nonlocal progressed, last_target, since_ckpt
         if nan_policy == "raise":
             raise NonFiniteLossError(f"slice {slice_id} step {bad_step}: {why}")
         if len(res.rollbacks) >= max_rollbacks:
             raise NonFiniteLossError(f"slice {slice_id} step {bad_step}: {why} after {max_rollbacks} rollbacks; giving up")
         lr_now = float(optimizer.param_groups[0]["lr"])
         if ckpt is not None:
-            restored = ckpt.restore()
-            to_step = int(restored["step"])
+            to_step = int(ckpt.head()["step"])
+            if not progressed and last_target is not None:  # the head itself led to this: go further back
+                earlier = [r["step"] for r in ckpt.log() if r["step"] < last_target]
+                to_step = max(earlier) if earlier else last_target
+            restored = ckpt.restore(to_step)
         else:
-            restored, to_step = last_good, last_good["step"]
+            if not progressed and len(good) > 1:
+                good.pop()
+            restored = good[-1]
+            to_step = restored["step"]
+        last_target, progressed, since_ckpt = to_step, False, 0
         load_checkpoint(model, restored, optimizer)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
@@ -251,8 +271,7 @@ def train_slice(
     stop = False
     for epoch in range(epochs):
         order = batch_order(n, seed, slice_id, epoch)
-        starts = range(0, n, batch_size)
-        for start in starts:
+        for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             x, y = images[idx].to(dev), labels[idx].to(dev)
             step += 1
@@ -282,7 +301,8 @@ def train_slice(
                         rollback(step, "non-finite state at checkpoint")
                         continue
                 else:
-                    last_good, since_ckpt = _snapshot(model, optimizer, step), 0
+                    good.append(_snapshot(model, optimizer, step))
+                    since_ckpt, progressed = 0, True
             if on_step is not None:
                 on_step(step)
         res.epochs = epoch + 1
@@ -304,7 +324,8 @@ def train_slice(
             if ckpt is not None:
                 save(step, end=end and not rewind)
             else:
-                last_good, since_ckpt = _snapshot(model, optimizer, step), 0
+                good.append(_snapshot(model, optimizer, step))
+                since_ckpt, progressed = 0, True
         if rewind:
             load_checkpoint(model, best_state)  # the optimizer keeps its state (and reduced lr)
             step += 1

@@ -157,6 +157,19 @@ def test_nan_loss_rolls_back_to_the_last_checkpoint_and_halves_the_lr(tmp_path):
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
+def test_a_second_failure_before_any_progress_rolls_back_one_checkpoint_further(tmp_path):
+    """A head that fails again at once is suspect (finite but exploded): go one further back."""
+    data = make_data()
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ck = rb.Checkpointer(rb.open_store(tmp_path.as_uri()), "r", "main", save_rng=False)
+    ck.save(0, m, opt)
+    res = train_slice(m, opt, data, epochs=3, batch_size=32, ckpt=ck, step0=0, slice_id=1,
+                      loss_hook=lambda s, l: l * float("nan") if s in (7, 8) else l)
+    assert res.rollbacks == [{"step": 7, "rolled_back_to": 6, "lr": 0.05}, {"step": 8, "rolled_back_to": 5, "lr": 0.025}]
+    assert steps_of(ck) == [0, 1, 2, 3, 4, 5, 6, 9]
+
+
 def test_nan_rollback_without_a_checkpointer_uses_the_last_good_state():
     data = make_data()
     m = make_model()
