@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import warnings
 
 import torch
 
 from ..codec.delta import DeltaEncoder
 from ..codec.lc import LCParams
 from ..codec.streams import encode_exact
-from ..errors import NonFiniteError, RaybranchError
+from ..errors import NonFiniteError, RaybranchError, StoreError
 from ..store.blob import Row, write_blob
 from ..store.store import Store, json_bytes, open_store
 from . import state as st
@@ -173,7 +174,11 @@ class Checkpointer:
         self.index.add(self._head)
         if self.segment_size and not is_snapshot:
             t2 = time.perf_counter()
-            compact_branch(self.store, self.index, self.branch, self.segment_size)
+            try:
+                compact_branch(self.store, self.index, self.branch, self.segment_size)
+            except StoreError as exc:  # the checkpoint is committed; compaction is retried by a later save
+                warnings.warn(f"raybranch: compaction of {self.run}/{self.branch} postponed: {exc}", stacklevel=2)
+                self.index.entries(self.branch, refresh=True)
             self.timings["compact_s"] += time.perf_counter() - t2
         return f"{self.run}/{self.branch}/{step}"
 
@@ -307,9 +312,9 @@ class Checkpointer:
         """Continue an existing branch: rebuild the encoders' reconstructions from the store."""
         if self._loaded:
             return
-        self._loaded = True
         entries = self.index.entries(self.branch, refresh=True)
         if not entries:
+            self._loaded = True
             return
         head = entries[max(entries)]
         acc, exact, layout, last = self.reader.recon(self.branch, head["step"])
@@ -317,7 +322,8 @@ class Checkpointer:
         self._reset_encoders(layout, flats)
         self._layout_hash = last["layout"]
         self._last_exact = {k: v for k, v in exact.items()}
-        self._head = {**head, "depth": head["depth"]}
+        self._head = head
+        self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 
 
 _STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")

@@ -47,22 +47,23 @@ def compact_branch(store: Store, index: RunIndex, branch: str, segment_size: int
         for e in batch:
             step_rows, _ = read_blob(store.get_blob(run, *e["blob"]), f"blob {e['blob'][0]}")
             for r in step_rows:
-                r.payload = recompress(r.payload, _bound(r), COMPACT_LEVEL)
+                if r.kind == "lc":  # exact rows (optimizer moments, …) gain little and cost much at this level
+                    r.payload = recompress(r.payload, _bound(r), COMPACT_LEVEL)
                 rows.append(r)
         first, last = batch[0]["step"], batch[-1]["step"]
         h, size = store.put_blob(run, write_blob(rows, {"run": run, "branch": branch, "segment": [first, last]}))
         seg_entries = [{**{k: e.get(k) for k in _ENTRY_KEYS}, "blob": [h, size]} for e in batch]
         rel = segment_path(run, branch, first, last)
         store.write_json(rel, seal({"format": SEGMENT_FORMAT, "run": run, "branch": branch, "first": first, "last": last, "entries": seg_entries}))
+        updated = dict(entries)  # the segment is the commit of these steps now, whatever the deletes do
+        for se in seg_entries:
+            updated[se["step"]] = {**se, "run": run, "branch": branch, "segment": rel}
+        index.replace(branch, updated)
+        entries = updated
         for e in batch:
             store.delete(e["file"])
         for e in batch:
             if e["blob"][0] != h:
                 store.delete(f"{run}/blobs/{e['blob'][0]}.arrow")
-        updated = dict(entries)
-        for se in seg_entries:
-            updated[se["step"]] = {**se, "run": run, "branch": branch, "segment": rel}
-        index.replace(branch, updated)
-        entries = updated
         moved += len(batch)
     return moved

@@ -8,15 +8,16 @@
 
 Data flow of one save (DESIGN.md "Data flow")::
 
-    training worker                              CheckpointActor (one per run/branch)
-      state → one CPU byte buffer (a copy)         Checkpointer.save: δ vs ũ, quantize, zstd,
-      ray.put(one buffer) ──ObjectRef──▶           blob, manifest (= commit), compaction
-      return at once (≤ max_pending in flight)     retried with backoff on StoreError / OSError
+    training worker                                CheckpointActor (one per run/branch)
+      main thread: state → one byte buffer (copy)    Checkpointer.save: δ vs ũ, quantize, zstd,
+      sender thread: ray.put ──ObjectRef──▶          blob, manifest (= commit); retried with
+        (saves queued meanwhile go in one call)      backoff on StoreError / OSError
+      ≤ max_pending saves in flight                  compaction into segments: a background thread
 
-Only one numpy byte buffer and JSON cross the process boundary: no torch object is pickled. The
+Only numpy byte buffers and JSON cross the process boundary: no torch object is pickled. The
 actor reads every tensor as a zero-copy view of the buffer in the object store (read-only; the
-Checkpointer copies what it keeps). Saves of one branch are ordered: the actor runs one call at a time, and Ray runs the calls
-of one submitter in submission order.
+Checkpointer copies what it keeps). Saves of one branch are ordered: the actor runs one call at a
+time, Ray runs the calls of one submitter in submission order, and a call's saves run in order.
 
 Backpressure: at most ``max_pending`` saves are in flight per client; the next ``save`` waits for
 the oldest to finish, so a slow store slows training down instead of growing memory.
@@ -25,13 +26,19 @@ Retries: a failed save is retried as a whole, up to ``RetryPolicy.attempts`` tim
 min(cap, base·2^(k−1)) after the k-th failure. Before each retry the actor rebuilds its
 Checkpointer from the store, so its in-memory state (head, reconstruction ũ, index) is exactly what
 the store holds: the blob is content-addressed and the manifest written last, so either the earlier
-attempt committed the step (the retry finds it at the head and only finishes compaction) or it did
-not (the retry encodes the same state against the same ũ and writes the same blob).
+attempt committed the step (the retry finds it at the head and stops) or it did not (the retry
+encodes the same state against the same ũ and writes the same blob). Rebuilding also sidesteps two
+ways a Checkpointer's memory parts from the store after a store error: a head load that failed
+once is not retried (the next save starts a new chain with no parent), and an inline compaction
+cut short leaves its index naming deleted blobs (every later save fails with NotFoundError).
 
 Errors: a save that fails for good (NaN/Inf, retries used up, a bad step) is never swallowed. The
 actor refuses the saves queued after it (so a branch never silently skips a step) and the client
 raises the original error, type and message, from its next ``save``/``flush``/``close``. After
 that the branch accepts saves again (e.g. after rolling back to the last good checkpoint).
+
+Not here yet: a GPU worker quantizing on its own device and sending symbols instead of weights
+(the actor encodes on its CPU; a CUDA state is copied to pinned memory asynchronously).
 """
 from __future__ import annotations
 
@@ -95,7 +102,7 @@ _ALIGN = 64  # every tensor starts on a 64-byte boundary of the buffer
 
 
 def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = False,
-               alloc: Callable[[int], torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
+               alloc: Callable[[int, bool], torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
     """(buffer, meta JSON) of a training state, ready for ``ray.put``.
 
     The buffer is one contiguous uint8 array holding a copy of every tensor (model, optimizer
@@ -103,9 +110,14 @@ def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = Fal
     copied straight into it. ``meta`` lists [group, name, dtype, shape, offset] per tensor
     (group ∈ model, optim, rng, extra) and holds the JSON parts (optimizer hyper-parameters, RNG
     scalars, non-tensor extras). One array is the cheapest thing to put in the object store, and
-    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`). ``alloc(n)``
+    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`). ``alloc(n, pinned)``
     supplies the uint8 buffer (to reuse buffers); the buffer is returned as a tensor
     (``.numpy()`` is a view of it).
+
+    With CUDA tensors the buffer is pinned and the copies are asynchronous on the current stream:
+    the caller must wait for them (a CUDA event recorded after this call) before reading the
+    buffer. Kernels queued later on that stream (the next optimizer step) run after the copies,
+    so the snapshot is the state at this call.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {"model": st.model_tensors(model)}
     meta: dict = {}
@@ -122,11 +134,12 @@ def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = Fal
         for k, t in ts.items():
             layout.append([g, k, st.dtype_name(t.dtype), list(t.shape), total])
             total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    buf = alloc(total) if alloc is not None else torch.empty(total, dtype=torch.uint8)
+    cuda = any(t.is_cuda for ts in groups.values() for t in ts.values())
+    buf = alloc(total, cuda) if alloc is not None else torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
     for (g, k, _, _, off) in layout:
         t = groups[g][k]
         if t.numel():
-            buf[off : off + t.numel() * t.element_size()].view(t.dtype).copy_(t.detach().reshape(-1))
+            buf[off : off + t.numel() * t.element_size()].view(t.dtype).copy_(t.detach().reshape(-1), non_blocking=cuda)
     meta["tensors"] = layout
     return buf, json.dumps(meta)
 
@@ -291,14 +304,15 @@ class CheckpointService:
         self.compactor = BackgroundCompactor(self.store, run, branch, self.segment_size, self.retry) if self.segment_size else None
         self._ckpt: Checkpointer | None = None
         self._failure: tuple[int, str] | None = None  # (step, message) of the save that failed
-        self.stats = {"saves": 0, "retries": 0, "failed": 0, "skipped": 0, "busy_s": 0.0}
+        self.stats = {"saves": 0, "retries": 0, "found_committed": 0, "failed": 0, "skipped": 0, "busy_s": 0.0}
+        self._cpu0 = time.process_time()  # cpu_s in get_stats: CPU time of the actor since it started
         Checkpointer(self.store, run, branch, **self._kwargs)  # bad settings fail here, at creation
 
     def get_config(self) -> dict:
         return self.config
 
     def get_stats(self) -> dict:
-        out = dict(self.stats)
+        out = dict(self.stats, cpu_s=time.process_time() - self._cpu0)
         if self.compactor is not None:
             out["compaction"] = dict(self.compactor.stats)
         return out
@@ -349,6 +363,7 @@ class CheckpointService:
                 ck = self._checkpointer()
                 head = ck.head()
                 if n > 1 and head is not None and head["step"] == step:
+                    self.stats["found_committed"] += 1
                     return head["id"]  # an earlier attempt committed it before failing
                 if "rng" in tensors:  # the worker's generators, where the Checkpointer reads them
                     st.set_rng({k: v.clone() for k, v in tensors["rng"].items()}, meta["rng"])
@@ -365,6 +380,18 @@ class CheckpointService:
             self.stats["busy_s"] += time.monotonic() - t0
         self.stats["saves"] += 1
         return {"id": cid, "step": step, "start": t0, "end": time.monotonic()}
+
+    def save_many(self, bufs: list[np.ndarray], items: list[tuple]) -> list[tuple[str, object]]:
+        """Several saves in one call (one object-store read, one Ray call): items are
+        (step, meta_json, slices, tags, snapshot); returns ("ok", record) or ("error", exception)
+        per save, in order, so one failure does not hide the saves that committed before it."""
+        out: list[tuple[str, object]] = []
+        for buf, (step, meta_json, slices, tags, snapshot) in zip(bufs, items):
+            try:
+                out.append(("ok", self.save(step, buf, meta_json, slices, tags, snapshot)))
+            except Exception as exc:  # noqa: BLE001 - returned to the client, which raises it
+                out.append(("error", exc))
+        return out
 
     def clear_failure(self) -> None:
         """Accept saves again (the client has raised the error)."""
@@ -398,12 +425,13 @@ def _cause(exc: BaseException) -> BaseException:
 class _Ticket:
     """One save on its way: packed on the training thread, sent by the sender thread."""
 
-    __slots__ = ("step", "sent", "ref", "error")
+    __slots__ = ("step", "sent", "ref", "index", "error")
 
     def __init__(self, step: int):
         self.step = step
         self.sent = threading.Event()
-        self.ref = None  # the actor call's ObjectRef, once sent
+        self.ref = None  # the ObjectRef of the actor call that carries it, once sent
+        self.index = 0  # its place in that call's batch
         self.error: BaseException | None = None  # ray.put / submission failed
 
 
@@ -413,7 +441,10 @@ class AsyncCheckpointer:
     ``save`` copies the state into one CPU buffer (:func:`pack_state`, ~50 µs for LeNet-5) and
     returns; a sender thread puts the buffer in the object store and calls the actor, so neither
     the ``ray.put`` nor the call is on the training path. At most ``max_pending`` saves are in
-    flight (packed, sent or being written); the next ``save`` waits for the oldest.
+    flight (packed, sent or being written); the next ``save`` waits for the oldest. ``batch`` > 1
+    sends saves ``batch`` at a time (one ``ray.put`` and one actor call for them all, which
+    divides Ray's fixed cost per call; a save then reaches the store up to ``batch`` − 1 steps
+    later); saves that queue up while the sender is busy are merged into one call anyway.
 
     ``store`` is a URI (the actor opens it; nothing holding credentials is sent). Keyword
     arguments not named below go to :class:`~raybranch.Checkpointer` (bits, granularity,
@@ -425,23 +456,26 @@ class AsyncCheckpointer:
 
     def __init__(self, store: str, run: str, branch: str = "main", *, max_pending: int = DEFAULT_MAX_PENDING,
                  retry: RetryPolicy | None = None, store_factory: Callable[[str], Store] | None = None,
-                 actor_options: dict | None = None, keep_records: int = 1000, **checkpointer_kwargs):
+                 actor_options: dict | None = None, keep_records: int = 1000, batch: int = 1, **checkpointer_kwargs):
         if not isinstance(store, str):
             raise RaybranchError(f"AsyncCheckpointer takes a store URI, not {type(store).__name__}: the actor opens the store itself")
         if not isinstance(max_pending, int) or max_pending < 1:
             raise RaybranchError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if not isinstance(batch, int) or not 1 <= batch <= max_pending:
+            raise RaybranchError(f"batch must be an integer from 1 to max_pending ({max_pending}), got {batch!r}")
         if "device" in checkpointer_kwargs:
             raise RaybranchError("device is not an AsyncCheckpointer option: the actor encodes on its own device")
         if not ray.is_initialized():
             raise RaybranchError("AsyncCheckpointer needs Ray: call ray.init() or run inside a Ray worker")
         self.uri, self.run, self.branch = store, check_name("run", run), check_name("branch", branch)
-        self.max_pending = max_pending
+        self.max_pending, self.batch = max_pending, batch
         self.store_factory = store_factory
         self._save_rng = checkpointer_kwargs.get("save_rng")
         self.actor = self._attach(store, checkpointer_kwargs, retry, actor_options)
         self._pending: deque[_Ticket] = deque()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._free: deque[torch.Tensor] = deque(maxlen=2)  # packing buffers the sender is done with
+        self._unsent: list = []  # packed saves waiting for their batch to fill
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # batches for the sender thread
+        self._free: deque[torch.Tensor] = deque(maxlen=max_pending)  # packing buffers the sender is done with
         self._sender: threading.Thread | None = None
         self.records: deque = deque(maxlen=keep_records)  # the latest completed saves: id, step, start, end
         self.stats = {"saves": 0, "blocked": 0, "blocked_s": 0.0, "handoff_s": 0.0}
@@ -458,15 +492,19 @@ class AsyncCheckpointer:
         opts.update(actor_options or {})
         opts["max_concurrency"] = 1  # saves of a branch must stay ordered
         want = {"store": store, "run": self.run, "branch": self.branch, "checkpointer": dict(checkpointer_kwargs)}
-        for attempt in range(1, 7):
+        deadline, delay = time.monotonic() + 20.0, 0.05
+        while True:
             actor = CheckpointActor.options(**opts).remote(store, self.run, self.branch, checkpointer_kwargs, retry, self.store_factory)
             try:
                 have = ray.get(actor.get_config.remote())
             except ray.exceptions.RayActorError as exc:
-                if exc.actor_init_failed or attempt == 6:
+                if exc.actor_init_failed or time.monotonic() > deadline:
                     lines = [ln.strip() for ln in str(getattr(exc, "error_msg", exc)).splitlines() if ln.strip()]
                     raise CheckpointActorError(f"cannot start checkpoint actor {name!r}: {lines[-1] if lines else exc}") from None
-                time.sleep(0.05 * 2 ** attempt)  # an actor of that name was exiting: its name is freed shortly
+                # the name still points at a dead actor (its owner, e.g. a killed worker, just died):
+                # Ray frees the name shortly
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
                 continue
             if have != want:
                 raise RaybranchError(f"checkpoint actor {name!r} already runs with other settings ({have}); close it first")
@@ -486,39 +524,74 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         rng = self._save_rng if self._save_rng is not None else optimizer is not None
         buf, meta = pack_state(model, optimizer, extra, rng, alloc=self._alloc)
+        copied = None
+        if buf.is_pinned():  # asynchronous copies from the GPU: the sender waits for them, not us
+            copied = torch.cuda.Event()
+            copied.record()
         ticket = _Ticket(step)
         self._pending.append(ticket)
-        self._outbox.put((ticket, buf, meta, list(slices or []), list(tags or []), snapshot))
-        if self._sender is None:
-            self._sender = threading.Thread(target=self._send_loop, name=f"raybranch-send-{self.branch}", daemon=True)
-            self._sender.start()
+        self._unsent.append((ticket, buf, copied, meta, list(slices or []), list(tags or []), snapshot))
+        if len(self._unsent) >= self.batch:
+            self._release()
         self.stats["handoff_s"] += time.perf_counter() - t0
         self.stats["saves"] += 1
         return f"{self.run}/{self.branch}/{step}"
 
-    def _send_loop(self) -> None:
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            ticket, buf, meta, slices, tags, snapshot = item
-            try:
-                ref = ray.put(buf.numpy())  # copies into the object store: the buffer is free again
-                self._free.append(buf)
-                ticket.ref = self.actor.save.remote(ticket.step, ref, meta, slices, tags, snapshot)
-            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-                ticket.error = exc
-            finally:
-                del item, buf
-                ticket.sent.set()
+    def _release(self) -> None:
+        """Hand the saves packed so far to the sender thread, as one batch."""
+        if not self._unsent:
+            return
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name=f"raybranch-send-{self.branch}", daemon=True)
+            self._sender.start()
+        self._outbox.put(self._unsent)
+        self._unsent = []
 
-    def _alloc(self, n: int) -> torch.Tensor:
-        """A free packing buffer of ``n`` bytes (reused: no fresh pages to fault in every step)."""
+    def _send_loop(self) -> None:
+        """Send what the training thread packed: every save queued by now in one ``ray.put`` and
+        one actor call, so Ray's fixed cost per call is shared when the sender falls behind."""
+        while True:
+            batches = [self._outbox.get()]
+            while batches[-1] is not None:
+                try:
+                    batches.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batches[-1] is None
+            batch = [item for b in batches if b is not None for item in b]
+            if batch:
+                self._send(batch)
+            if stop:
+                return
+
+    def _send(self, batch: list) -> None:
+        tickets = [item[0] for item in batch]
+        try:
+            for _, _, copied, *_ in batch:
+                if copied is not None:
+                    copied.synchronize()
+            ref = ray.put([item[1].numpy() for item in batch])  # one copy into the object store
+            self._free.extend(item[1] for item in batch)
+            call = self.actor.save_many.remote(ref, [(t.step, *item[3:]) for t, item in zip(tickets, batch)])
+            for i, t in enumerate(tickets):
+                t.ref, t.index = call, i
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            for t in tickets:
+                t.error = exc
+        finally:
+            del batch
+            for t in tickets:
+                t.sent.set()
+
+    def _alloc(self, n: int, pinned: bool) -> torch.Tensor:
+        """A free packing buffer of ``n`` bytes (reused: no fresh pages to fault in or pin every step)."""
         try:
             buf = self._free.pop()
         except IndexError:
-            return torch.empty(n, dtype=torch.uint8)
-        return buf if buf.numel() == n else torch.empty(n, dtype=torch.uint8)
+            buf = None
+        if buf is None or buf.numel() != n or buf.is_pinned() != pinned:
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+        return buf
 
     @property
     def pending(self) -> int:
@@ -561,13 +634,15 @@ class AsyncCheckpointer:
 
     def _collect(self, keep: int) -> None:
         """Take finished saves off the queue, waiting on the oldest while more than ``keep`` remain."""
-        sent = [t.ref for t in self._pending if t.sent.is_set() and t.ref is not None]
+        sent = list({t.ref: None for t in self._pending if t.sent.is_set() and t.ref is not None})
         done = set(ray.wait(sent, num_returns=len(sent), timeout=0)[0]) if sent else set()
         while self._pending and self._pending[0].sent.is_set() and (self._pending[0].error or self._pending[0].ref in done):
             self._finish(self._pending.popleft())
         while len(self._pending) > keep:
             t0 = time.perf_counter()
             ticket = self._pending[0]
+            if not ticket.sent.is_set() and self._unsent and self._unsent[0][0] is ticket:
+                self._release()  # it waits for its batch to fill: send what there is
             ticket.sent.wait()
             if ticket.ref is not None:
                 ray.wait([ticket.ref], num_returns=1)
@@ -579,15 +654,22 @@ class AsyncCheckpointer:
         try:
             if ticket.error is not None:
                 raise ticket.error
-            self.records.append(ray.get(ticket.ref))
+            outcome, value = ray.get(ticket.ref)[ticket.index]
+            if outcome != "ok":
+                raise value
+            self.records.append(value)
         except Exception as exc:  # noqa: BLE001 - re-raised below, never swallowed
             first = _cause(exc)
+            unsent = {id(item[0]) for item in self._unsent}  # never sent: dropped with the rest
+            self._unsent = []
             for t in self._pending:  # the actor refuses the saves queued after a failure: drain them
+                if id(t) in unsent:
+                    continue
                 t.sent.wait()
                 if t.ref is not None:
                     try:
                         ray.get(t.ref)
-                    except Exception:  # noqa: BLE001 - a SaveSkippedError that follows from `first`
+                    except Exception:  # noqa: BLE001 - follows from `first`
                         pass
             self._pending.clear()
             if not isinstance(first, CheckpointActorError):

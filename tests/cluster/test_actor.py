@@ -4,6 +4,7 @@ actor reach the training side with their message, store failures are retried and
 checkpoint verifies afterwards, and the hand-over buffer round-trips every dtype."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import sys
@@ -146,8 +147,8 @@ def test_async_saves_restore_bit_identically_to_sync_checkpointer(file_uri, tmp_
     async_ = AsyncCheckpointer(file_uri, "r1", "main", max_pending=3, **opts)
     for step, model, opt in trajectory(14):
         if step == 7:  # close and reopen mid-run: the new actor continues the branch from the store
-            async_.close()
-            async_ = AsyncCheckpointer(file_uri, "r1", "main", max_pending=3, **opts)
+            async_.close()  # ...sending its saves three to an actor call from here on
+            async_ = AsyncCheckpointer(file_uri, "r1", "main", max_pending=3, batch=3, **opts)
             sync.close()
             sync = rb.Checkpointer(rb.open_store(ref_uri), "r1", "main", **opts)
         extra = {"epoch": step // 4, "ema": model.fc2.bias.detach() * 0.5}
@@ -205,24 +206,28 @@ def test_backpressure_bounds_saves_in_flight_and_blocks_the_client(tmp_path):
     assert save_loop_s >= 8 * 2 * SlowStore.DELAY
 
 
-def test_error_in_actor_fails_next_save_and_flush_with_its_message(file_uri):
+def test_error_in_actor_fails_next_save_and_flush_with_its_message(file_uri, tmp_path):
     ckpt = AsyncCheckpointer(file_uri, "r4", "main", max_pending=1)
+    sync = rb.Checkpointer(rb.open_store("file://" + str(tmp_path / "reference")), "r4", "main")
     steps = trajectory(8)
     for step, model, _ in itertools.islice(steps, 3):
         ckpt.save(step, model)
-    step, model, _ = next(steps)
+        sync.save(step, model)
+    good = copy.deepcopy(model)
     with torch.no_grad():
         model.fc1.weight[2, 3] = float("nan")
-    ckpt.save(step, model)  # step 3: queued; the actor will refuse it
-    step, model, _ = next(steps)
-    with pytest.raises(NonFiniteError, match=r"tensor 'fc1.weight' holds NaN or Inf at step 3; nothing was saved"):
-        ckpt.save(step, model)  # step 4 is not queued
+    with pytest.raises(NonFiniteError) as original:
+        sync.save(3, model)
+    assert "fc1.weight" in str(original.value)
+    ckpt.save(3, model)  # queued; the actor will refuse it
+    with pytest.raises(NonFiniteError) as raised:
+        ckpt.save(4, good)  # waits for step 3 (max_pending=1), raises, and queues nothing
+    assert str(raised.value) == str(original.value)
+    ckpt.save(4, good)  # the branch accepts saves again (e.g. after a rollback)
     with torch.no_grad():
-        model.fc1.weight.nan_to_num_(0.0)
-    ckpt.save(4, model)  # the branch accepts saves again
-    model.fc2.weight.data[0, 0] = float("inf")
-    ckpt.save(5, model)
-    with pytest.raises(NonFiniteError, match=r"'fc2.weight' holds NaN or Inf"):
+        good.fc2.weight[0, 0] = float("inf")
+    ckpt.save(5, good)
+    with pytest.raises(NonFiniteError, match=r"tensor 'fc2.weight' holds NaN or Inf"):
         ckpt.flush()
     ckpt.flush()  # raised once, not again
     assert [e["step"] for e in ckpt.log()] == [0, 1, 2, 4]
@@ -242,9 +247,15 @@ def test_transient_store_failures_are_retried_and_every_checkpoint_verifies(tmp_
     ckpt.flush()
     stats = ckpt.actor_stats()
     ckpt.close()
+    sync.close()
     assert stats["retries"] >= 3 and stats["failed"] == 0  # the first three writes failed, at least
+    assert stats["found_committed"] >= 1  # a manifest that landed but reported failure: not written twice
+    assert stats["compaction"]["failures"] >= 1  # background passes failed and were retried
     store = rb.open_store(uri)
     assert verify_run(store, "r5") == ([], 16)
+    assert segments(uri, "r5") == segments(ref_uri, "r5") != []  # same segments as inline compaction
+    loose = {u: sorted(i.base_name for i in rb.open_store(u).list("r5/manifests/main")) for u in (uri, ref_uri)}
+    assert loose[uri] == loose[ref_uri]  # no leftover of an interrupted compaction
     reader = rb.Reader(store, "r5")
     for step in range(16):
         assert_same_restore(reader.restore("main", step), sync.restore(step))
@@ -271,6 +282,8 @@ def test_bad_input_and_mismatched_settings(file_uri):
         AsyncCheckpointer(rb.open_store(file_uri), "r7")
     with pytest.raises(RaybranchError, match="max_pending must be a positive integer, got 0"):
         AsyncCheckpointer(file_uri, "r7", max_pending=0)
+    with pytest.raises(RaybranchError, match=r"batch must be an integer from 1 to max_pending \(4\), got 5"):
+        AsyncCheckpointer(file_uri, "r7", batch=5)
     with pytest.raises(RaybranchError, match="branch name 'a/b'"):
         AsyncCheckpointer(file_uri, "r7", "a/b")
     with pytest.raises(RaybranchError, match="attempts >= 1"):
@@ -302,3 +315,26 @@ def test_pack_unpack_round_trips_every_dtype_as_views():
     assert out["w"].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # views, no copies
     base.add_(1)  # the packed copy does not follow the live tensors
     assert all(torch.equal(out[k], before[k]) for k in state)
+
+
+def test_a_batch_commits_in_order_and_stops_at_its_first_failure(file_uri):
+    from raybranch.cluster.actor import CheckpointService, SaveSkippedError
+
+    svc = CheckpointService(file_uri, "r8", "main", {"segment_size": 2})  # the actor's class, in this process
+    items, bufs = [], []
+    for step, model, _ in trajectory(5):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if step == 2:
+            state["fc1.weight"][0, 0] = float("nan")
+        buf, meta = pack_state(state)
+        bufs.append(buf.numpy())
+        items.append((step, meta, [], [], False))
+    out = svc.save_many(bufs, items)
+    assert [o for o, _ in out] == ["ok", "ok", "error", "error", "error"]
+    assert isinstance(out[2][1], NonFiniteError) and "fc1.weight" in str(out[2][1])
+    assert isinstance(out[3][1], SaveSkippedError)
+    assert str(out[3][1]).startswith("save of step 3 skipped: the save of step 2 failed: NonFiniteError: ")
+    svc.clear_failure()
+    assert svc.save_many(bufs[3:4], items[3:4])[0][0] == "ok"  # step 3 after the failed step 2
+    svc.close()
+    assert [e["step"] for e in rb.Checkpointer(rb.open_store(file_uri), "r8").log()] == [0, 1, 3]
