@@ -7,6 +7,7 @@ import sys
 
 from ..errors import RaybranchError
 from .demo import add_parser as add_demo_parser
+from .sweep import add_parser as add_sweep_parser
 
 
 def _cmd_log(args) -> int:
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="keep the stores here (default: a temporary directory)")
     s.set_defaults(fn=_cmd_bench)
     add_demo_parser(sub)
+    add_sweep_parser(sub)
     return p
 
 

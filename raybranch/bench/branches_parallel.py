@@ -1,0 +1,107 @@
+"""Two branches on two Ray Train workers at once vs the same two branches one after the other.
+
+    python -m raybranch.bench.branches_parallel [--branches experiment|equal] [--checkpointer sync|async]
+                                               [--quick] [key=value ...]
+
+On a local Ray with ``--num-cpus`` CPUs (default 2), LeNet-5 on digits, the LC mechanism: the
+branch point is trained once on the driver; then, for each mode, a fresh run gets the branch
+point as ``main`` step 0 and its branches train in their own ``TorchTrainer`` each
+(``num_workers=1``, 1 CPU, one torch thread, a checkpoint every step):
+
+* ``sequential``: ``fit()`` of one trainer, then of the other;
+* ``parallel``: both ``fit()`` at once (a thread each).
+
+``--branches experiment``: main trains every slice, clean every slice but the poisoned one (as
+the experiment does: clean has (n−1)/n of main's work, so the speed-up cannot pass 1 + (n−1)/n,
+1.75× for 4 slices). ``--branches equal``: both branches train every slice (two equal workers).
+
+    speed-up = wall(sequential) ÷ wall(parallel)
+
+Wall times include each trainer's start (controller, worker process, process group: ~10 s on 2
+CPUs, and they overlap in parallel mode but contend for the same two cores). The modes run in
+the order given by ``--order`` (default: sequential first), each on its own run of the same store.
+Experiment keys (``epochs=…`` etc.) go after the options; the default is the demo's
+configuration (≤ 30 epochs per slice, early stopping patience 6).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import ray
+
+
+def measure(cfg, job, store_uri: str, branches: str = "experiment", order: tuple[str, ...] = ("sequential", "parallel"),
+            log=print) -> dict:
+    """{mode: wall seconds, ..., "speedup": …, per-branch fit seconds} (see the module docstring)."""
+    from ..branches.experiment import prepare_data
+    from ..cluster.train import RayExperiment, fit_branches
+
+    exp = RayExperiment(cfg, store_uri, job)
+    exp.data = prepare_data(cfg)
+    bp, info = exp.branch_point()
+    n = len(exp.data.slices)
+    everything = list(range(1, n + 1))
+    plan = {"main": everything, "clean": everything if branches == "equal" else [k for k in everything if k != cfg.poison_slice]}
+    out: dict = {"branches": branches, "slices": n, "checkpointer": job.checkpointer, "branch_point": info}
+    for mode in order:
+        run = f"{cfg.name}-{mode}"
+        configs = exp.setup_branches("lc", bp, run, plan, "none")
+        t0 = time.perf_counter()
+        fits = fit_branches(configs, exp.store, job, parallel=mode == "parallel")
+        wall = time.perf_counter() - t0
+        steps = {b: max(_steps(exp.store, run, b)) for b in plan}
+        out[mode] = {"wall_s": wall, "fit_s": {b: f["seconds"] for b, f in fits.items()}, "head_step": steps}
+        log(f"{mode:10s} {wall:7.1f} s   (fit: " + ", ".join(f"{b} {f['seconds']:.1f} s" for b, f in fits.items()) + f"; head steps {steps})")
+    out["speedup"] = out["sequential"]["wall_s"] / out["parallel"]["wall_s"]
+    log(f"speed-up   {out['speedup']:.2f}×  (target ≥ 1.7×; {branches} branches, {job.checkpointer} checkpointer)")
+    return out
+
+
+def _steps(store, run: str, branch: str) -> list[int]:
+    from ..checkpoint.manifest import RunIndex
+
+    return list(RunIndex(store, run).entries(branch, refresh=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import RayJobConfig, load_branches_config
+
+    p = argparse.ArgumentParser(prog="python -m raybranch.bench.branches_parallel", description=__doc__.split("\n")[0])
+    p.add_argument("--branches", choices=["experiment", "equal"], default="experiment")
+    p.add_argument("--checkpointer", choices=["sync", "async"], default="sync")
+    p.add_argument("--order", default="sequential,parallel", help="modes in the order to run them")
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="the quick demo's epochs (8) and patience (2)")
+    p.add_argument("--store", default=None, help="store URI (default: a temporary directory, removed after)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="experiment keys")
+    args = p.parse_args(argv)
+    base = ["epochs=8", "patience=2", "branch_point_max_epochs=20"] if args.quick else []
+    cfg, _ = load_branches_config(None, [*base, "mechanisms=lc", "name=bench", *args.overrides])
+    job = RayJobConfig(checkpointer=args.checkpointer)
+    tmp = None
+    uri = args.store
+    if uri is None:
+        tmp = tempfile.mkdtemp(prefix="raybranch-bench-par-")
+        uri = "file://" + os.path.join(tmp, "store")
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        out = measure(cfg, job, uri, args.branches, tuple(args.order.split(",")), log=(lambda m: None) if args.json else print)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

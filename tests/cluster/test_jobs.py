@@ -1,0 +1,194 @@
+"""Job submission end to end: a real local Ray head (its own temp dir and free loopback ports), a
+real S3 store (SeaweedFS), ``ray job submit --working-dir . -- python jobs/branches.py ...``, then
+``raybranch restore`` from S3 in a separate process where ``import ray`` fails."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import raybranch as rb
+from raybranch.checkpoint.verify import verify_run
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
+NO_RAY_RESTORE = (
+    "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
+    "from raybranch.cli.main import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules if sys.modules[m] is not None)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    """A Ray head on 127.0.0.1 with its own temp dir; ``stop`` ends only its own processes."""
+
+    def __init__(self, env: dict[str, str]):
+        self.tmp = tempfile.mkdtemp(prefix="rbjob-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        self.dashboard = free_port()
+        self.env = env
+        self.gcs = free_port()
+
+    def start(self) -> None:
+        cmd = [*RAY_CLI, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+               "--num-cpus=2", f"--temp-dir={self.tmp}", "--disable-usage-stats"]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def pids(self) -> list[int]:
+        """This head's processes: those naming its temp dir or GCS port, and their descendants."""
+        table = _processes()
+        mine = {pid for pid, (_, cmd) in table.items() if self.tmp in cmd or f"127.0.0.1:{self.gcs}" in cmd}
+        grew = True
+        while grew:
+            more = {pid for pid, (ppid, _) in table.items() if ppid in mine and pid not in mine}
+            mine |= more
+            grew = bool(more)
+        mine.discard(os.getpid())
+        return sorted(mine)
+
+    def stop(self) -> None:
+        pids = self.pids()
+        _signal(pids, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        _signal([p for p in pids if _alive(p)], signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(d.name)] = (ppid, cmd)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "RAYBRANCH_STORE"))}
+    env.update(s3_server.env())
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in s3_server.env().items():  # this process reads the store too
+        monkeypatch.setenv(k, v)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in the job = this venv's
+    env["RAY_AUTH_MODE"] = "token"
+    env["PYTHONUNBUFFERED"] = "1"
+    bucket = s3_server.make_bucket(f"rbjob-{uuid.uuid4().hex[:16]}")
+    return env, s3_server.store_uri(bucket, "runs")
+
+
+@pytest.fixture
+def head(s3_env):
+    env, _ = s3_env
+    h = LocalHead(env)  # the head (and so every job, worker and actor) has the S3 credentials
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
+    assert [p for p in h.pids() if _alive(p)] == []
+
+
+def test_job_submit_to_local_head_with_s3_store_then_restore_without_ray(tmp_path, s3_env, head):
+    env, uri = s3_env
+    out = tmp_path / "out"
+    entry = ["python", "jobs/branches.py", "--config", "jobs/configs/quick.yaml", f"store={uri}", f"out={out}",
+             "name=job", "mechanisms=[lc]", "epochs=2", "patience=0", "branch_point_max_epochs=3", "settle=1"]
+    t0 = time.perf_counter()
+    address, job_id = f"http://127.0.0.1:{head.dashboard}", f"raybranch-test-{uuid.uuid4().hex[:8]}"
+    sub = subprocess.run(  # waits for the job and follows its logs
+        [*RAY_CLI, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", job_id,
+         "--", *entry],  # ray quotes each argument for the shell
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
+    )
+    logs = sub.stdout + sub.stderr
+    assert sub.returncode == 0, logs[-6000:]
+    status = subprocess.run([*RAY_CLI, "job", "status", "--address", address, job_id],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr  # status SUCCEEDED
+    assert f"report: {out / 'report.md'}" in logs
+    report = json.loads((out / "report.json").read_text())
+    lc = report["mechanisms"]["lc"]
+    assert report["store"].startswith("s3://")
+    assert set(lc["branches"]) == {"main", "clean", "replay"}
+    assert lc["ray"]["branches"]["main"]["path"].endswith("job-lc/_ray/main")
+    print(f"job ran in {time.perf_counter() - t0:.1f} s")
+
+    # the store is on S3: restore clean's head in a process that cannot import Ray
+    target = tmp_path / "clean.safetensors"
+    restore_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run(
+        [sys.executable, "-c", NO_RAY_RESTORE, "restore", "--store", uri, "--run", "job-lc", "--branch", "clean",
+         "--output", str(target)],
+        cwd=tmp_path, env=restore_env, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("restored job-lc/clean/")
+    tensors = load_file(str(target))
+    store = rb.open_store(uri)
+    want = rb.Reader(store, "job-lc").restore("clean")
+    assert set(tensors) == set(want["model"])
+    for k, v in want["model"].items():
+        assert torch.equal(tensors[k], v), k
+    # the clean model restored from S3 is the one the report measured
+    from raybranch.branches.experiment import ExperimentConfig, prepare_data
+    from raybranch.models import build_model
+    from raybranch.train.loop import evaluate_accuracy
+
+    data = prepare_data(ExperimentConfig())
+    model = build_model("lenet5", data.meta.num_classes, data.meta.in_channels, data.meta.image_size)
+    model.load_state_dict(tensors)
+    assert evaluate_accuracy(model, *data.test) == pytest.approx(lc["branches"]["clean"]["acc_restored"])
+    problems, checked = verify_run(store, "job-lc")
+    assert problems == [] and checked > 0
