@@ -372,22 +372,42 @@ class Experiment:
         for br in branches.values():
             br["ck"].close()
 
-        out: dict = {"run": run, "mechanism": mech, "lora_merge": merge if lora else None,
-                     "torch_save_bytes_per_checkpoint": ts_bytes, "branches": {}}
         if branches_only is not None:
             rep = {}
         else:
             rep = self.quarantine(mech, run, template, main_ck, merge, lora, verified, ck_kwargs)
+        for b, br in branches.items():
+            br["acc_live"] = self.acc(br["model"])
+            br["train_seconds"] = train_s[b]
+        out = self.summarize(run, mech, merge if lora else None, template, main_ck, branches, rep, full, k_bad, n, ts_bytes)
+        out["timings"] = {b: dict(br["ck"].timings) for b, br in branches.items()}
+        if rep:
+            out["recovery"] = rep
+        return out
+
+    def summarize(self, run: str, mech: str, lora_merge: str | None, template: nn.Module, main_ck: Checkpointer,
+                  branches: dict, rep: dict, full: dict, k_bad: int, n: int, ts_bytes: int, exclude: str | None = None) -> dict:
+        """Per-branch figures of a mechanism's run (report.json's ``branches`` and ``run_total``).
+
+        ``branches[b]`` holds per_slice, slices, results, acc_live and train_seconds of each trained
+        branch; replay's come from ``rep`` (the quarantine). Bytes under ``<run>/<exclude>`` (Ray's
+        bookkeeping) are not checkpoint storage and are left out of the totals.
+        """
+        out: dict = {"run": run, "mechanism": mech, "lora_merge": lora_merge,
+                     "torch_save_bytes_per_checkpoint": ts_bytes, "branches": {}}
         attributed, shared, total = attribute_bytes(self.store, run, list(branches) + (["replay"] if rep else []))
+        excluded = self.store.total_bytes(f"{run}/{exclude}") if exclude else 0
+        shared, total = shared - excluded, total - excluded
         heads = {b: self.restored(template, Checkpointer(self.store, run, b), None) for b in attributed}
-        full_of = {"main": full["main"], "clean": full["clean"], "replay": full["clean"]}
+        clean_full = full.get("clean", full["main"])
+        full_of = {"main": full["main"], "clean": clean_full, "replay": clean_full}
         for b, a in attributed.items():
             ck_n, stored = a["checkpoints"], a["bytes_stored"]
-            if b in branches:
-                per_slice = branches[b]["per_slice"]
+            br = branches.get(b)
+            if br is not None:
+                per_slice = br["per_slice"]
             else:  # replay: main's accuracy before slice k, unchanged at k, its own after
-                main_per = branches["main"]["per_slice"]
-                before = main_per[: k_bad - 1]
+                before = branches["main"]["per_slice"][: k_bad - 1]
                 at_k = before[-1] if before else self.acc(self.restored(template, main_ck, 0))
                 per_slice = [*before, at_k, *rep.pop("_replay_per_slice")]
             out["branches"][b] = {
@@ -398,24 +418,24 @@ class Experiment:
                 "checkpoints": ck_n,
                 "settle_checkpoints": a["settle_checkpoints"],
                 "acc_restored": self.acc(heads[b]),
-                "acc_live": self.acc(branches[b]["model"]) if b in branches else rep.pop("_replay_acc_live"),
+                "acc_live": br["acc_live"] if br else rep.pop("_replay_acc_live"),
                 "acc_full": full_of[b]["acc"],
                 "per_slice_acc": per_slice,
                 "per_slice_acc_full": full_of[b]["per_slice_acc"],
                 "attack_success_rate": self.asr(heads[b]),
-                "slices_trained": branches[b]["slices"] if b in branches else list(range(k_bad + 1, n + 1)),
-                "train_seconds": train_s.get(b, rep.get("replay_seconds")),
-                "slice_results": branches[b]["results"] if b in branches else rep.pop("_replay_results"),
+                "slices_trained": br["slices"] if br else list(range(k_bad + 1, n + 1)),
+                "train_seconds": br["train_seconds"] if br else rep.get("replay_seconds"),
+                "slice_results": br["results"] if br else rep.pop("_replay_results"),
             }
+        checkpoints = sum(a["checkpoints"] for a in attributed.values())
         out["run_total"] = {
             "bytes_stored": total, "shared_bytes": shared,
-            "checkpoints": sum(a["checkpoints"] for a in attributed.values()),
+            "checkpoints": checkpoints,
             "settle_checkpoints": sum(a["settle_checkpoints"] for a in attributed.values()),
-            "compression_ratio": sum(a["checkpoints"] for a in attributed.values()) * ts_bytes / total,
+            "compression_ratio": checkpoints * ts_bytes / total,
         }
-        out["timings"] = {b: dict(br["ck"].timings) for b, br in branches.items()}
-        if rep:
-            out["recovery"] = rep
+        if exclude:
+            out["run_total"]["excluded_bytes"] = excluded
         return out
 
     def restored(self, template: nn.Module, ck: Checkpointer, step: int | None) -> nn.Module:

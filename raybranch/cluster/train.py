@@ -66,7 +66,6 @@ from ..branches.experiment import (
     Hooks,
     _slice_summary,
     _summary_lines,
-    attribute_bytes,
     prepare_data,
     torch_save_bytes,
 )
@@ -407,48 +406,11 @@ class RayExperiment(Experiment):
                 "resumed": bool(rv.get("resumed")),
             }
 
-        out: dict = {"run": run, "mechanism": mech, "lora_merge": merge if lora else None,
-                     "torch_save_bytes_per_checkpoint": ts_bytes, "branches": {}}
         rep = {} if branches_only is not None else self.quarantine(mech, run, template, main_ck, merge, lora, verified, ck_kwargs)
-        names = list(branches) + (["replay"] if rep else [])
-        attributed, shared, total = attribute_bytes(self.store, run, names)
-        ray_bytes = self.store.total_bytes(f"{run}/{RAY_DIR}")
-        shared, total = shared - ray_bytes, total - ray_bytes  # Ray's bookkeeping is not checkpoint storage
-        heads = {b: self.restored(template, Checkpointer(self.store, run, b), None) for b in attributed}
-        full_of = {"main": full["main"], "clean": full.get("clean", full["main"]), "replay": full.get("clean", full["main"])}
-        for b, a in attributed.items():
-            ck_n, stored = a["checkpoints"], a["bytes_stored"]
-            if b in branches:
-                per_slice = branches[b]["per_slice"]
-            else:
-                main_per = branches["main"]["per_slice"]
-                before = main_per[: k_bad - 1]
-                at_k = before[-1] if before else self.acc(self.restored(template, main_ck, 0))
-                per_slice = [*before, at_k, *rep.pop("_replay_per_slice")]
-            br = branches.get(b)
-            out["branches"][b] = {
-                "compression_ratio": ck_n * ts_bytes / stored,
-                "space_savings": 1.0 - stored / (ck_n * ts_bytes),
-                "bytes_stored": stored,
-                "bytes_torch_save": ck_n * ts_bytes,
-                "checkpoints": ck_n,
-                "settle_checkpoints": a["settle_checkpoints"],
-                "acc_restored": self.acc(heads[b]),
-                "acc_live": br["acc_live"] if br else rep.pop("_replay_acc_live"),
-                "acc_full": full_of[b]["acc"],
-                "per_slice_acc": per_slice,
-                "per_slice_acc_full": full_of[b]["per_slice_acc"],
-                "attack_success_rate": self.asr(heads[b]),
-                "slices_trained": br["slices"] if br else list(range(k_bad + 1, n + 1)),
-                "train_seconds": (sum(r.get("seconds", 0.0) for r in br["results"]) if br else rep.get("replay_seconds")),
-                "slice_results": br["results"] if br else rep.pop("_replay_results"),
-            }
-        out["run_total"] = {
-            "bytes_stored": total, "shared_bytes": shared, "ray_bytes": ray_bytes,
-            "checkpoints": sum(a["checkpoints"] for a in attributed.values()),
-            "settle_checkpoints": sum(a["settle_checkpoints"] for a in attributed.values()),
-            "compression_ratio": sum(a["checkpoints"] for a in attributed.values()) * ts_bytes / total,
-        }
+        for br in branches.values():
+            br["train_seconds"] = sum(r.get("seconds", 0.0) for r in br["results"])
+        out = self.summarize(run, mech, merge if lora else None, template, main_ck, branches, rep, full, k_bad, n, ts_bytes, exclude=RAY_DIR)
+        out["run_total"]["ray_bytes"] = out["run_total"].pop("excluded_bytes")
         out["timings"] = {b: br["timings"] for b, br in branches.items()}
         out["ray"] = ray_info
         if rep:
