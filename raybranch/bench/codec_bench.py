@@ -41,15 +41,20 @@ def _torch_save_bytes(sd: dict) -> int:
     return len(buf.getvalue())
 
 
-def training_run(steps: int, seed: int = 0):
-    """States after every step of LeNet-5/digits SGD training (CPU, one thread)."""
+def lenet_on_digits(seed: int = 0):
+    """The benchmarks' training setup: (LeNet-5, SGD lr 0.01 momentum 0.9, train set, test set)."""
     from ..data import load_dataset
     from ..models import build_model
 
     train, test, meta = load_dataset("digits")
     torch.manual_seed(seed)
     model = build_model("lenet5", num_classes=meta.num_classes, in_channels=meta.in_channels, image_size=meta.image_size)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), train, test
+
+
+def training_run(steps: int, seed: int = 0):
+    """States after every step of LeNet-5/digits SGD training (CPU, one thread)."""
+    model, opt, train, test = lenet_on_digits(seed)
     X, Y = train.images, train.labels
     g = torch.Generator().manual_seed(seed)
     states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]

@@ -37,14 +37,10 @@ def _train(steps: int, warmup: int, uri: str, with_optimizer: bool, max_pending:
     from ..checkpoint.checkpointer import Checkpointer
     from ..cluster.actor import AsyncCheckpointer
     from ..store.store import open_store
-    from ..data import load_dataset
-    from ..models import build_model
+    from .codec_bench import lenet_on_digits
 
     torch.set_num_threads(1)
-    train, _, meta = load_dataset("digits")
-    torch.manual_seed(seed)
-    model = build_model("lenet5", num_classes=meta.num_classes, in_channels=meta.in_channels, image_size=meta.image_size)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model, opt, train, _ = lenet_on_digits(seed)
     X, Y = train.images, train.labels
     g = torch.Generator().manual_seed(seed)
     ckpt = AsyncCheckpointer(uri, "bench", "main", max_pending=max_pending, batch=batch, **ckpt_kwargs)

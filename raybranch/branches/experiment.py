@@ -323,13 +323,17 @@ class Experiment:
         return {"acc": per_slice[-1], "per_slice_acc": per_slice, "seconds": secs, "cpu_seconds": cpu,
                 "asr": self.asr(model), "steps": step}
 
+    def run_name(self, mech: str, lora_merge: str | None) -> tuple[bool, str, str]:
+        """(Delta-LoRA?, merge policy, run name) of a mechanism: runs are ``<name>-lc``, ``<name>-lc-dlora``…"""
+        lora = mech == "lc+dlora"
+        merge = (lora_merge or self.cfg.lora_merge) if lora else "none"
+        suffix = "" if lora_merge is None else f"-merge-{merge}"
+        return lora, merge, f"{self.cfg.name}-{mech.replace('+', '-')}{suffix}"
+
     def run_mechanism(self, mech: str, bp: nn.Module, full: dict, lora_merge: str | None = None,
                       branches_only: tuple[str, ...] | None = None) -> dict:
         cfg = self.cfg
-        lora = mech == "lc+dlora"
-        merge = (lora_merge or cfg.lora_merge) if lora else "none"
-        suffix = "" if lora_merge is None else f"-merge-{merge}"
-        run = f"{cfg.name}-{mech.replace('+', '-')}{suffix}"
+        lora, merge, run = self.run_name(mech, lora_merge)
         if self.store.list(run, recursive=True):
             raise RaybranchError(f"run {run!r} already exists in {self.store.uri}; use a fresh store or another name")
         n = len(self.data.slices)

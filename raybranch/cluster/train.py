@@ -360,10 +360,7 @@ class RayExperiment(Experiment):
                       branches_only: tuple[str, ...] | None = None) -> dict:
         """As :meth:`Experiment.run_mechanism`, with main and clean trained by Ray Train."""
         cfg = self.cfg
-        lora = mech == "lc+dlora"
-        merge = (lora_merge or cfg.lora_merge) if lora else "none"
-        suffix = "" if lora_merge is None else f"-merge-{merge}"
-        run = f"{cfg.name}-{mech.replace('+', '-')}{suffix}"
+        lora, merge, run = self.run_name(mech, lora_merge)
         n = len(self.data.slices)
         k_bad = cfg.poison_slice
         verified = [k for k in range(1, n + 1) if k != k_bad]

@@ -32,6 +32,16 @@ torch.set_num_threads(1)
 TINY = dict(mechanisms=("lc",), epochs=2, patience=0, branch_point_max_epochs=3, settle=1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The single-process reference must run with the workers' one thread (other tests, e.g. the
+    in-process demo CLI, may have changed the process-wide setting): float sums depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     # the step hooks below live in this test module, which Ray workers cannot import by name
