@@ -152,7 +152,7 @@ def _into_binade(value: torch.Tensor, S: int, device: torch.device) -> torch.Ten
 
 
 def dequantize(symbols: torch.Tensor, tables: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
-    """Q(x)_i = T[seg(i), sym_i] (torch; the numpy twin is :func:`raybranch.codec.delta.dequantize_np`)."""
+    """Q(x)_i = T[seg(i), sym_i] (torch; the decoder applies the same table lookup in numpy, :func:`raybranch.codec.delta.apply_delta`)."""
     L = tables.shape[1]
     idx = symbols.long()
     if layout.key_offset is not None:
