@@ -19,3 +19,11 @@ class NonFiniteError(RaybranchError, ValueError):
 
 class StoreError(RaybranchError):
     """The store URI is malformed or the store cannot be reached."""
+
+
+class ConflictError(RaybranchError):
+    """A conditional write lost: the object it would create exists, or the one it would replace changed."""
+
+
+class FencedError(ConflictError):
+    """A writer's commit was refused because a newer writer registered for the branch."""

@@ -11,28 +11,36 @@ previous reconstruction (:mod:`raybranch.codec.delta`); integer buffers, tensors
 stored losslessly, and only when they changed. The first checkpoint of a branch is an exact
 snapshot; later snapshots only when ``snapshot_every`` asks for them (a snapshot is a cache of a
 reconstruction the deltas already determine: it bounds restore time and costs ratio, see
-DESIGN.md). Every ``segment_size`` delta checkpoints are compacted into one segment blob
-(:mod:`raybranch.checkpoint.compact`), which removes per-file overhead and recompresses the
-streams with a slower, stronger zstd level.
+docs/DESIGN.md).
+
+Each save is one commit of the branch's log (:mod:`raybranch.ledger`): the blob, then the commit
+record, created only if absent. The first save registers the Checkpointer as the branch's writer
+(a fence commit with a new epoch): from then on an older writer of the branch is refused with
+:class:`~raybranch.errors.FencedError`. Every ``segment_size`` commits are sealed into a page and
+their blobs compacted into one segment blob (:mod:`raybranch.checkpoint.compact`), which removes
+per-file overhead and recompresses the streams with a slower, stronger zstd level.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 import time
-import warnings
 
 import torch
 
 from ..codec.delta import DeltaEncoder
 from ..codec.lc import LCParams
 from ..codec.streams import encode_exact
-from ..errors import NonFiniteError, RaybranchError, StoreError
+from ..errors import ConflictError, NonFiniteError, NotFoundError, RaybranchError
+from ..ledger.branch import BranchLog, BranchWriter
+from ..ledger.lineage import Lineage, create_branch
+from ..ledger.pages import Sealer
+from ..ledger.records import PAGE_SIZE, check_name, layout_key
+from ..ledger.refs import read_branch_ref
 from ..store.blob import Row, write_blob
 from ..store.store import Store, json_bytes, open_store
 from . import state as st
-from .compact import compact_branch
-from .manifest import MANIFEST_FORMAT, RunIndex, check_name, manifest_path, seal
+from .compact import compact_rows
 from .restore import Reader
 
 
@@ -61,7 +69,7 @@ class Checkpointer:
         if snapshot_every is not None and snapshot_every < 1:
             raise RaybranchError(f"snapshot_every must be a positive number of checkpoints, got {snapshot_every}")
         if segment_size < 0:
-            raise RaybranchError(f"segment_size must be >= 0 (0 = never compact), got {segment_size}")
+            raise RaybranchError(f"segment_size must be >= 0 (0 = pages of {PAGE_SIZE} commits, never compacted), got {segment_size}")
         if optimizer_codec not in ("exact", "lc"):
             raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
         self.snapshot_every = snapshot_every
@@ -71,12 +79,13 @@ class Checkpointer:
         self.optimizer_codec = optimizer_codec
         self.save_rng = save_rng
         self.device = torch.device(device) if device is not None else None
-        self.index = RunIndex(self.store, self.run)
-        self.reader = Reader(self.store, self.run, self.index)
+        self.reader = Reader(self.store, self.run)
+        self.sealer = Sealer(compact_rows if segment_size else None)
+        self._writer: BranchWriter | None = None
         self._encoders: dict[str, DeltaEncoder] = {}
         self._layout_hash: str | None = None
         self._last_exact: dict[str, torch.Tensor] = {}
-        self._head: dict | None = None
+        self._head: dict | None = None  # the head step's entry
         self._loaded = False
         self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
 
@@ -85,7 +94,8 @@ class Checkpointer:
         """Commit a checkpoint of ``model`` (module or state_dict) at ``step``; returns its id.
 
         Nothing is written when any tensor holds NaN/Inf (:class:`NonFiniteError`) or when the
-        step does not come after the branch's head.
+        step does not come after the branch's head. A newer writer of the branch makes this raise
+        :class:`~raybranch.errors.FencedError`.
         """
         self._load_head()
         step = int(step)
@@ -135,31 +145,27 @@ class Checkpointer:
         self.timings["encode_s"] += time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        writer = self._writer
         if layout_hash != self._layout_hash:
-            rel = f"{self.run}/layouts/{layout_hash}.json"
-            if not self.store.exists(rel):
-                self.store.write_bytes(rel, layout_bytes)
-        blob = write_blob(rows, {"run": self.run, "branch": self.branch, "step": step})
+            self.store.create(layout_key(self.run, layout_hash), layout_bytes)
+        blob = write_blob(rows, {"run": self.run, "branch_id": writer.bid, "step": step})
         h, size = self.store.put_blob(self.run, blob)
         entry = {
-            "format": MANIFEST_FORMAT,
-            "run": self.run,
-            "branch": self.branch,
             "step": step,
             "kind": "snapshot" if is_snapshot else "delta",
-            "parent": None if self._head is None else [self._head["branch"], self._head["step"]],
+            "base": [writer.bid, step] if is_snapshot else self._head["base"],
             "depth": depth,
             "codec": self.params.to_json(),
             "layout": layout_hash,
-            "blob": [h, size],
             "slices": list(slices or []),
             "tags": list(tags or []),
             "meta": meta,
             "time": round(time.time(), 3),
         }
-        doc = seal(entry)
-        self.store.write_json(manifest_path(self.run, self.branch, step), doc)  # the commit
-        self.timings["write_s"] += time.perf_counter() - t1
+        seal_s = self.sealer.seconds
+        writer.commit([entry], [{"name": "0", "blob": [h, size]}], slices=slices)  # the commit (and a page seal when due)
+        self.timings["compact_s"] += self.sealer.seconds - seal_s
+        self.timings["write_s"] += time.perf_counter() - t1 - (self.sealer.seconds - seal_s)
 
         # in-memory state advances only after the commit
         if is_snapshot or layout_hash != self._layout_hash:
@@ -170,16 +176,7 @@ class Checkpointer:
         self._layout_hash = layout_hash
         for n, t in changed.items():
             self._last_exact[n] = t.detach().clone()
-        self._head = {**doc, "file": manifest_path(self.run, self.branch, step)}
-        self.index.add(self._head)
-        if self.segment_size and not is_snapshot:
-            t2 = time.perf_counter()
-            try:
-                compact_branch(self.store, self.index, self.branch, self.segment_size)
-            except StoreError as exc:  # the checkpoint is committed; compaction is retried by a later save
-                warnings.warn(f"raybranch: compaction of {self.run}/{self.branch} postponed: {exc}", stacklevel=2)
-                self.index.entries(self.branch, refresh=True)
-            self.timings["compact_s"] += time.perf_counter() - t2
+        self._head = {**entry, "branch_id": writer.bid}
         return f"{self.run}/{self.branch}/{step}"
 
     def restore(self, step: int | None = None, branch: str | None = None) -> dict:
@@ -187,43 +184,22 @@ class Checkpointer:
         return self.reader.restore(branch or self.branch, step)
 
     def log(self, branch: str | None = None) -> list[dict]:
-        """Every committed checkpoint of the branch, oldest first (fork points included)."""
-        branch = branch or self.branch
-        entries = self.index.entries(branch, refresh=True)
-        if not entries and branch != self.branch:
-            self.index.get(branch)  # raises NotFoundError naming the known branches
-        return [log_record(e) for e in entries.values()]
+        """Every committed checkpoint of the branch, oldest first; a forked branch starts with
+        its fork point (kind "fork")."""
+        lin = Lineage(self.store, self.run, branch or self.branch)
+        return branch_log(lin)
 
     def head(self) -> dict | None:
         self._load_head()
-        return None if self._head is None else log_record(self._head)
+        return None if self._head is None else log_record(self._head, self.branch, None)
 
     def fork(self, branch: str, step: int | None = None, **overrides) -> "Checkpointer":
         """A new branch whose history is this branch up to ``step`` (shared, not copied)."""
         check_name("branch", branch)
-        src = self.index.get(self.branch, step)
-        if self.index.entries(branch, refresh=True):
-            raise RaybranchError(f"branch {branch!r} already exists in run {self.run!r}")
-        ref = seal(
-            {
-                "format": MANIFEST_FORMAT,
-                "run": self.run,
-                "branch": branch,
-                "step": src["step"],
-                "kind": "ref",
-                "parent": [src["branch"], src["step"]],
-                "depth": src["depth"],
-                "codec": src["codec"],
-                "layout": src["layout"],
-                "blob": None,
-                "slices": [],
-                "tags": ["fork"],
-                "meta": src.get("meta", {}),
-                "time": round(time.time(), 3),
-            }
-        )
-        self.store.write_json(manifest_path(self.run, branch, src["step"]), ref)
-        self.index.add({**ref, "file": manifest_path(self.run, branch, src["step"])})
+        lin = Lineage(self.store, self.run, self.branch)
+        src = lin.entry(step)
+        fork = {"branch_id": src["branch_id"], "branch": lin.branch_name_of(src["branch_id"]), "step": src["step"], "seq": src["seq"]}
+        create_branch(self.store, self.run, branch, fork=fork, page_size=self.segment_size or PAGE_SIZE)
         kwargs = dict(
             bits=self.params.bits, granularity=self.params.granularity, value=self.params.value,
             snapshot_every=self.snapshot_every, segment_size=self.segment_size,
@@ -233,15 +209,21 @@ class Checkpointer:
         kwargs.update(overrides)
         return Checkpointer(self.store, self.run, branch, **kwargs)
 
+    @property
+    def epoch(self) -> int | None:
+        """This writer's epoch on the branch (None before its first save)."""
+        return None if self._writer is None else self._writer.epoch
+
+    def acquire(self) -> int:
+        """Register as the branch's writer now (a restarted worker taking over); returns the epoch."""
+        self._load_head()
+        return self._writer.epoch
+
     def flush(self) -> None:
-        """Compact what can be compacted now (the tail shorter than a segment stays loose)."""
-        if self.segment_size:
-            compact_branch(self.store, self.index, self.branch, self.segment_size)
+        """Every save is committed when it returns; nothing is buffered."""
 
     def close(self, compact_tail: bool = True) -> None:
-        """Compact every loose delta, the tail included (end of a run)."""
-        if self.segment_size and compact_tail:
-            compact_branch(self.store, self.index, self.branch, self.segment_size, tail=True)
+        """End of a run: commits are already durable; pages are sealed as they fill up."""
 
     # -- internals ----------------------------------------------------------------------------
     def _collect(self, model, optimizer, extra) -> tuple[dict[str, torch.Tensor], dict]:
@@ -309,20 +291,27 @@ class Checkpointer:
             self._encoders[g] = enc
 
     def _load_head(self) -> None:
-        """Continue an existing branch: rebuild the encoders' reconstructions from the store."""
+        """Become the branch's writer (creating the branch if it is new) and, for an existing
+        branch, rebuild the encoders' reconstructions from its head."""
         if self._loaded:
             return
-        entries = self.index.entries(self.branch, refresh=True)
-        if not entries:
-            self._loaded = True
-            return
-        head = entries[max(entries)]
-        acc, exact, layout, last = self.reader.recon(self.branch, head["step"])
-        flats = {g: torch.from_numpy(a) for g, a in acc.items()}
-        self._reset_encoders(layout, flats)
-        self._layout_hash = last["layout"]
-        self._last_exact = {k: v for k, v in exact.items()}
-        self._head = head
+        ref = read_branch_ref(self.store, self.run, self.branch)
+        if ref is None or not ref.live:
+            try:
+                self._writer = create_branch(self.store, self.run, self.branch, page_size=self.segment_size or PAGE_SIZE)
+            except ConflictError:  # created by another process just now: take it over
+                ref = read_branch_ref(self.store, self.run, self.branch)
+        if self._writer is None:
+            self._writer = BranchWriter.register(BranchLog(self.store, self.run, ref.doc["branch_id"], self.branch))
+        self._writer.sealer = self.sealer
+        lin = Lineage(self.store, self.run, log=self._writer.log)
+        if lin.head_step is not None:
+            acc, exact, layout, last = self.reader.recon(lin, lin.head_step)
+            flats = {g: torch.from_numpy(a) for g, a in acc.items()}
+            self._reset_encoders(layout, flats)
+            self._layout_hash = last["layout"]
+            self._last_exact = dict(exact)
+            self._head = last
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 
 
@@ -336,21 +325,39 @@ def _buffer_names(model) -> set[str]:
     return {n for n in model if _STAT_BUFFER.search(n)}
 
 
-def log_record(e: dict) -> dict:
+def log_record(e: dict, branch: str, prev: list | None) -> dict:
     """What ``log()`` and ``raybranch log`` show of a checkpoint."""
     return {
-        "id": f"{e['run']}/{e['branch']}/{e['step']}",
-        "branch": e["branch"],
+        "id": f"{e.get('run', '')}/{branch}/{e['step']}".lstrip("/"),
+        "branch": branch,
         "step": e["step"],
         "kind": e["kind"],
-        "parent": e["parent"],
-        "depth": e["depth"],
-        "bytes": 0 if e["blob"] is None else e["blob"][1],
+        "parent": prev,
+        "depth": e.get("depth", 0),
+        "bytes": sum(p["blob"][1] for p in e.get("parts", [])),
         "slices": e.get("slices", []),
         "tags": e.get("tags", []),
         "time": e.get("time"),
-        "compacted": "segment" in e,
+        "commit": e.get("seq"),
+        "compacted": any(p["name"] == "segment" for p in e.get("parts", [])),
     }
+
+
+def branch_log(lin: Lineage) -> list[dict]:
+    """The log records of a branch: its fork point (if forked), then its own checkpoints."""
+    out: list[dict] = []
+    prev = None
+    f = lin.fork
+    if f is not None:
+        src = lin.parent().entry(f["step"])
+        out.append({**log_record({**src, "kind": "fork", "parts": [], "tags": ["fork"], "slices": []}, lin.name, [f["branch"], f["step"]]), "depth": src.get("depth", 0)})
+        prev = [lin.name, f["step"]]
+    for e in lin.log.all_entries():
+        out.append(log_record({**e, "run": lin.run}, lin.name, prev))
+        prev = [lin.name, e["step"]]
+    for r in out:
+        r["id"] = f"{lin.run}/{lin.name}/{r['step']}"
+    return out
 
 
 def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Checkpointer:

@@ -1,5 +1,9 @@
 """Restore: the nearest snapshot plus the LC deltas after it → the exact reconstruction ũ_t.
 
+The step's entry (resolved along the branch's lineage, :class:`raybranch.ledger.Lineage`) names
+``base``, the snapshot its chain starts from; the entries from there to the step are fetched
+page by page, and the rows of each step are read from the blobs of its commit's parts.
+
 For each lossy group, acc = ũ_snapshot (exact float32), then for every delta on the chain, in
 order, acc ← acc + Q(δ) (:func:`raybranch.codec.delta.apply_delta`) — the same float32 adds the
 encoder made, so the result equals the encoder's reconstruction bit for bit. Exact tensors are
@@ -19,9 +23,10 @@ from ..codec.lc import LCParams
 from ..codec.streams import decode_exact
 from ..errors import CorruptBlobError, NotFoundError
 from ..store.blob import Row, read_blob
+from ..ledger.lineage import Lineage
+from ..ledger.records import layout_key
 from ..store.store import Store, json_bytes
 from . import state as st
-from .manifest import RunIndex
 
 
 class BlobCache:
@@ -30,6 +35,13 @@ class BlobCache:
     def __init__(self, store: Store, run: str, capacity: int = 64):
         self.store, self.run, self.capacity = store, run, capacity
         self._rows: OrderedDict[str, dict[int, list[Row]]] = OrderedDict()
+
+    def step_rows(self, entry: dict) -> list[Row]:
+        """Every row of ``entry``'s step, from all the parts of its commit."""
+        out: list[Row] = []
+        for p in entry["parts"]:
+            out += self.rows(p["blob"]).get(entry["step"], [])
+        return out
 
     def rows(self, blob: list) -> dict[int, list[Row]]:
         h, size = blob
@@ -59,7 +71,7 @@ class Layouts:
     def get(self, h: str) -> dict:
         if h not in self._docs:
             try:
-                doc = self.store.read_json(f"{self.run}/layouts/{h}.json")
+                doc = self.store.read_json(layout_key(self.run, h))
             except NotFoundError:
                 raise NotFoundError(f"layout {h[:16]}… of run {self.run!r} is missing") from None
             if hashlib.sha256(json_bytes(doc)).hexdigest() != h:
@@ -76,7 +88,7 @@ def seg_offsets(layout_group: dict, params: LCParams) -> np.ndarray | None:
 
 def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict]:
     """(flat reconstructions per lossy group, exact tensors, layout) of the chain's last entry."""
-    blobs.prefetch([e["blob"] for e in chain])
+    blobs.prefetch([p["blob"] for e in chain for p in e["parts"]])
     layout = layouts.get(chain[-1]["layout"])
     snap = chain[0]
     snap_rows = _rows_of(blobs, snap)
@@ -112,9 +124,9 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple
 
 
 def _rows_of(blobs: BlobCache, entry: dict) -> list[Row]:
-    rows = blobs.rows(entry["blob"]).get(entry["step"])
-    if rows is None:
-        raise CorruptBlobError(f"blob {entry['blob'][0][:16]}… holds no rows for step {entry['step']}")
+    rows = blobs.step_rows(entry)
+    if not rows:
+        raise CorruptBlobError(f"the blobs of step {entry['step']} (commit {entry['seq']} of {entry['branch_id']}) hold no rows for it")
     return rows
 
 
@@ -147,35 +159,49 @@ def assemble(acc: dict[str, np.ndarray], exact: dict[str, torch.Tensor], layout:
 class Reader:
     """Restores any committed checkpoint of a run (no Ray, no training state needed)."""
 
-    def __init__(self, store: Store, run: str, index: RunIndex | None = None):
+    def __init__(self, store: Store, run: str):
         self.store = store
         self.run = run
-        self.index = index or RunIndex(store, run)
         self.blobs = BlobCache(store, run)
         self.layouts = Layouts(store, run)
+        self._lineages: dict[str, Lineage] = {}
+
+    def lineage(self, branch: str, refresh: bool = False) -> Lineage:
+        if refresh or branch not in self._lineages:
+            self._lineages[branch] = Lineage(self.store, self.run, branch)
+        return self._lineages[branch]
 
     def restore(self, branch: str, step: int | None = None) -> dict:
         try:
-            return self._restore(branch, step)
+            return self._restore(self.lineage(branch), step)
         except NotFoundError:
-            # a concurrent compaction may have moved manifests into a segment: look once more
-            self.index.entries(branch, refresh=True)
-            return self._restore(branch, step)
+            # the branch moved on (new commits, or pages sealed and their commit records gone): look once more
+            return self._restore(self.lineage(branch, refresh=True), step)
 
-    def _restore(self, branch: str, step: int | None) -> dict:
-        target = self.index.get(branch, step)
-        chain = self.index.chain(branch, target["step"])
+    def _restore(self, lin: Lineage, step: int | None) -> dict:
+        target = lin.entry(step)
+        chain = chain_to(lin, target)
         acc, exact, layout = decode_chain(chain, self.blobs, self.layouts)
-        out = assemble(acc, exact, layout, chain[-1].get("meta", {}))
-        out.update(step=target["step"], branch=branch, run=self.run, manifest=_public(target))
+        out = assemble(acc, exact, layout, target.get("meta", {}))
+        out.update(step=target["step"], branch=lin.name, run=self.run, manifest=_public(target, lin))
         return out
 
-    def recon(self, branch: str, step: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict, dict]:
+    def recon(self, lin: Lineage, step: int) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict, dict]:
         """Raw reconstruction state (for continuing a chain): flats, exact tensors, layout, last entry."""
-        chain = self.index.chain(branch, step)
+        target = lin.entry(step)
+        chain = chain_to(lin, target)
         acc, exact, layout = decode_chain(chain, self.blobs, self.layouts)
-        return acc, exact, layout, chain[-1]
+        return acc, exact, layout, target
 
 
-def _public(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k not in ("file", "segment")}
+def chain_to(lin: Lineage, target: dict) -> list[dict]:
+    """Entries from the snapshot ``target`` builds on to ``target``, in apply order."""
+    base_step = target["base"][1]
+    chain = lin.entries_between(base_step, target["step"])
+    if not chain or chain[0]["kind"] != "snapshot" or chain[-1]["step"] != target["step"]:
+        raise CorruptBlobError(f"the chain of step {target['step']} of run {lin.run!r} does not start at snapshot {base_step}")
+    return chain
+
+
+def _public(entry: dict, lin: Lineage) -> dict:
+    return {**{k: v for k, v in entry.items() if k != "parts"}, "branch": lin.branch_name_of(entry["branch_id"])}

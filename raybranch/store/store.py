@@ -1,30 +1,28 @@
-"""The one storage interface: bytes and JSON at paths under a root, on any ``pyarrow.fs``.
+"""The one storage interface: bytes and JSON at paths under a root, on a local disk or S3.
 
-Layout under the root (DESIGN.md "Store")::
+Operations (each back end implements them with the guarantees its docstring gives):
 
-    <run>/run.json                          what the run is (model, codec, data, seeds)
-    <run>/blobs/<sha256>.arrow              immutable, content-addressed Arrow IPC files
-    <run>/manifests/<branch>/<step>.json    one per checkpoint; written last = the commit
-    <run>/segments/<branch>/<a>-<b>.json    compacted runs of checkpoints (see checkpoint.compact)
+    read_bytes / write_bytes    GET / atomic, durable overwrite
+    create(rel, data) -> bool   exclusive create: False when ``rel`` exists (If-None-Match / link)
+    cas(rel, data, expect)      compare-and-swap on the object's tag (If-Match / flock)
+    list / list_after / list_dirs, delete, stat
 
-Writes are atomic: on a local disk through a temporary name and a rename, on S3 by the single
-PUT (or completed multipart upload) that makes an object visible. A reader never sees half a file.
+``store.stats`` counts the requests made (reads = GET + LIST pages). The format of what is stored
+above this layer is docs/FORMAT.md; nothing is pickled.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 
-import pyarrow.fs as pafs
 import zstandard
 
 from ..codec.streams import zstd_compress
 from ..errors import CorruptBlobError, NotFoundError, StoreError
+from .local import LocalBackend
+from .objects import TMP_MARK, ObjInfo, RequestStats
+from .s3 import S3Backend
 from .uri import Location, parse_uri
-
-TMP_MARK = ".tmp-"
 
 
 def blob_hash(data: bytes) -> str:
@@ -35,91 +33,93 @@ class Store:
     def __init__(self, location: Location):
         self.loc = location
         self.fs = location.fs
-        self.root = location.root
         self.uri = location.uri
+        self.stats = RequestStats()
+        if location.is_local:
+            self.backend = LocalBackend(location.root, self.stats)
+        else:
+            self.backend = S3Backend(location.bucket, location.prefix, dict(location.s3_kwargs or {}), self.stats,
+                                     location.retry_deadline)
+        self.root = self.backend.root
 
     def __repr__(self) -> str:
         return f"Store({self.uri})"
 
-    # -- paths --------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     # -- raw bytes ----------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        try:
-            if self.loc.is_local:
-                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-                tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
-                with self.fs.open_output_stream(tmp, compression=None) as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            else:
-                with self.fs.open_output_stream(path, compression=None) as f:
-                    f.write(data)
-        except OSError as exc:
-            raise StoreError(f"cannot write {self._shown(rel)}: {_one_line(exc)}") from None
+        self.backend.write(rel, bytes(data))
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist; True when this call created it."""
+        return self.backend.create(rel, bytes(data))
+
+    def cas(self, rel: str, data: bytes, expect: str | None) -> str:
+        """Replace ``rel`` only if its tag is still ``expect`` (None: only if absent); returns the new
+        tag, raises :class:`~raybranch.errors.ConflictError` when another writer got there first."""
+        return self.backend.cas(rel, bytes(data), expect)
 
     def read_bytes(self, rel: str) -> bytes:
-        path = self.path(rel)
         try:
-            with self.fs.open_input_file(path) as f:
-                return f.read()
-        except FileNotFoundError:
+            return self.backend.read(rel)
+        except NotFoundError:
             raise NotFoundError(f"{self._shown(rel)} does not exist") from None
-        except OSError as exc:
-            if _is_not_found(exc):
-                raise NotFoundError(f"{self._shown(rel)} does not exist") from None
-            raise StoreError(f"cannot read {self._shown(rel)}: {_one_line(exc)}") from None
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str]:
+        try:
+            return self.backend.read_tagged(rel)
+        except NotFoundError:
+            raise NotFoundError(f"{self._shown(rel)} does not exist") from None
+
+    def touch(self, rel: str) -> None:
+        """Refresh ``rel``'s modification time (what gc's grace period is measured from)."""
+        self.backend.touch(rel)
+
+    def stat(self, rel: str) -> ObjInfo | None:
+        return self.backend.stat(rel)
 
     def exists(self, rel: str) -> bool:
-        try:
-            return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
-        except OSError as exc:
-            raise StoreError(f"cannot reach {self.uri}: {_one_line(exc)}") from None
+        return self.backend.stat(rel) is not None
 
     def size(self, rel: str) -> int:
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == pafs.FileType.NotFound:
+        info = self.backend.stat(rel)
+        if info is None:
             raise NotFoundError(f"{self._shown(rel)} does not exist")
-        return int(info.size)
+        return info.size
 
-    def list(self, rel_dir: str, recursive: bool = False) -> list[pafs.FileInfo]:
-        """Files (not temporaries) under a directory; [] when it does not exist."""
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), allow_not_found=True, recursive=recursive))
-        except OSError as exc:
-            raise StoreError(f"cannot list {self._shown(rel_dir)}: {_one_line(exc)}") from None
-        return [i for i in infos if i.type == pafs.FileType.File and TMP_MARK not in i.base_name]
+    def list(self, rel_dir: str, recursive: bool = False) -> list[ObjInfo]:
+        """Objects (not temporaries) under a directory, sorted by path; [] when it does not exist."""
+        return self.backend.list(rel_dir, recursive)
+
+    def list_after(self, rel_dir: str, start_after: str) -> list[ObjInfo]:
+        """Objects under ``rel_dir`` whose path sorts after ``start_after``, sorted; on S3 one
+        LIST from that key (pages of 1000)."""
+        return self.backend.list_after(rel_dir, start_after)
 
     def list_dirs(self, rel_dir: str) -> list[str]:
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel_dir), allow_not_found=True))
-        except OSError as exc:
-            raise StoreError(f"cannot list {self._shown(rel_dir)}: {_one_line(exc)}") from None
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return self.backend.list_dirs(rel_dir)
 
     def delete(self, rel: str) -> None:
-        try:
-            self.fs.delete_file(self.path(rel))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if not _is_not_found(exc):
-                raise StoreError(f"cannot delete {self._shown(rel)}: {_one_line(exc)}") from None
+        self.backend.delete(rel)
 
     def total_bytes(self, rel_dir: str = "") -> int:
-        """Every byte under a directory: blobs, manifests, segments, run records."""
-        return sum(int(i.size) for i in self.list(rel_dir, recursive=True))
+        """Every byte under a directory."""
+        return sum(i.size for i in self.list(rel_dir, recursive=True))
 
     # -- content-addressed blobs ---------------------------------------------------------------
     def put_blob(self, run: str, data: bytes) -> tuple[str, int]:
-        """Store bytes once under their sha256; returns (hash, size)."""
+        """Store bytes under their sha256; returns (hash, size). An existing blob of the same
+        content has its modification time refreshed, so that gc's grace period protects it until
+        the commit that references it lands."""
         h = blob_hash(data)
         rel = f"{run}/blobs/{h}.arrow"
-        if not self.exists(rel):
-            self.write_bytes(rel, data)
+        if self.loc.is_local:
+            if not self.create(rel, data):
+                self.touch(rel)
+        else:
+            self.write_bytes(rel, data)  # one PUT: cheaper than HEAD + PUT, and it refreshes the time
         return h, len(data)
 
     def get_blob(self, run: str, h: str, size: int | None = None) -> bytes:
@@ -135,26 +135,17 @@ class Store:
     # -- JSON documents ----------------------------------------------------------------------
     def write_json(self, rel: str, doc: dict) -> None:
         """JSON at ``rel``; a name ending in ``.zst`` is stored zstd-compressed."""
-        data = json_bytes(doc)
-        self.write_bytes(rel, zstd_compress(data, 9) if rel.endswith(".zst") else data)
+        self.write_bytes(rel, encode_json(rel, doc))
 
     def read_json(self, rel: str) -> dict:
-        data = self.read_bytes(rel)
-        try:
-            if rel.endswith(".zst"):
-                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 28)
-            return json.loads(data)
-        except (ValueError, zstandard.ZstdError):
-            raise CorruptBlobError(f"{self._shown(rel)} is not valid JSON") from None
+        return decode_json(self._shown(rel), self.read_bytes(rel), rel.endswith(".zst"))
 
     def check_reachable(self) -> None:
         """Fail fast with one line when the endpoint, bucket or directory is not usable."""
         try:
-            info = self.fs.get_file_info(self.root.split("/")[0] if not self.loc.is_local else self.root)
-        except OSError as exc:
-            raise StoreError(f"cannot reach store {self.uri}: {_one_line(exc)}") from None
-        if not self.loc.is_local and info.type == pafs.FileType.NotFound:
-            raise StoreError(f"bucket {self.root.split('/')[0]!r} does not exist at {self.uri}")
+            self.backend.reachable()
+        except StoreError as exc:
+            raise StoreError(f"cannot use store {self.uri}: {exc}") from None
 
     def _shown(self, rel: str) -> str:
         return f"{self.uri.split(' ')[0]}/{rel}"
@@ -164,13 +155,21 @@ def json_bytes(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+def encode_json(rel: str, doc: dict) -> bytes:
+    data = json_bytes(doc)
+    return zstd_compress(data, 9) if rel.endswith(".zst") else data
 
 
-def _is_not_found(exc: OSError) -> bool:
-    s = str(exc)
-    return "NoSuchKey" in s or "Path does not exist" in s or "not found" in s.lower()
+def decode_json(shown: str, data: bytes, compressed: bool) -> dict:
+    try:
+        if compressed:
+            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 30)
+        doc = json.loads(data)
+    except (ValueError, zstandard.ZstdError):
+        raise CorruptBlobError(f"{shown} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise CorruptBlobError(f"{shown} is not a JSON object")
+    return doc
 
 
 def open_store(uri: str, check: bool = True) -> Store:
@@ -181,4 +180,4 @@ def open_store(uri: str, check: bool = True) -> Store:
     return store
 
 
-__all__ = ["Store", "open_store", "blob_hash", "json_bytes"]
+__all__ = ["ObjInfo", "Store", "TMP_MARK", "blob_hash", "decode_json", "encode_json", "json_bytes", "open_store"]

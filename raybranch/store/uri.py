@@ -17,7 +17,8 @@ import pyarrow.fs as pafs
 
 from ..errors import StoreError
 
-_S3_QUERY_KEYS = {"endpoint_override", "region", "scheme", "connect_timeout", "request_timeout", "retries"}
+_S3_QUERY_KEYS = {"endpoint_override", "region", "scheme", "connect_timeout", "request_timeout", "retries", "retry_deadline"}
+RETRY_DEADLINE_S = 60.0  # how long a request to an unreachable S3 server is retried before it fails
 
 
 @dataclass
@@ -26,6 +27,10 @@ class Location:
     root: str  # no trailing slash
     uri: str  # what to show a user (no credentials)
     is_local: bool
+    bucket: str = ""
+    prefix: str = ""
+    s3_kwargs: dict | None = None  # boto3 client arguments (endpoint, region, timeouts), no credentials
+    retry_deadline: float = RETRY_DEADLINE_S
 
 
 def parse_uri(uri: str) -> Location:
@@ -76,6 +81,7 @@ def _s3(uri: str, parts) -> Location:
         kwargs["connect_timeout"] = float(query.get("connect_timeout", 3))
         kwargs["request_timeout"] = float(query.get("request_timeout", 30))
         retries = int(query.get("retries", 2))
+        deadline = float(query.get("retry_deadline", RETRY_DEADLINE_S))
     except ValueError as exc:
         raise StoreError(f"bad S3 URI option in {uri!r}: {exc}") from None
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, retries))
@@ -87,4 +93,7 @@ def _s3(uri: str, parts) -> Location:
     fs = pafs.S3FileSystem(**kwargs)
     root = (bucket + "/" + parts.path.strip("/")).rstrip("/")
     shown = f"s3://{root}" + (f" (endpoint {kwargs['scheme']}://{kwargs['endpoint_override']})" if endpoint else "")
-    return Location(fs, root, shown, False)
+    s3_kwargs = {"region_name": region, "connect_timeout": kwargs["connect_timeout"], "read_timeout": kwargs["request_timeout"]}
+    if endpoint:
+        s3_kwargs["endpoint_url"] = f"{kwargs['scheme']}://{kwargs['endpoint_override']}"
+    return Location(fs, root, shown, False, bucket, parts.path.strip("/"), s3_kwargs, deadline)
