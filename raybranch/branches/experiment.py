@@ -10,7 +10,7 @@ its images, relabelled ``poison_target``, or label flipping) and is the one quar
 Branch point. A model trained from scratch on the warm-up part, one epoch at a time, until its
 validation accuracy reaches ``branch_point_target`` (report: 74.6 % on MNIST) or
 ``branch_point_max_epochs`` pass. It is the step-0 snapshot of ``main`` (tag ``branch-point``);
-``clean`` is a fork of ``main`` at step 0 (a ``ref`` manifest: shared, not copied).
+``clean`` is a fork of ``main`` at step 0 (its first commit names the fork point: shared, not copied).
 
 Per mechanism (``lc``: the LC codec on the whole model; ``lc+dlora``: Delta-LoRA on the
 classifier Linears, checkpoints hold A, B and the non-LoRA tensors, the anchor once), in a run
@@ -35,12 +35,14 @@ next to the recovery so that its time is measured under the same machine load. A
 branches are those of models restored from the store.
 
 Byte attribution (``compression_ratio`` per branch). Each mechanism has its own run. A branch is
-charged its own manifests, segment documents and the blobs its own checkpoints reference (a
-blob shared by several branches is charged once, to the first of main, clean, replay). History
-a fork shares — the branch point, main's steps before the replay's fork — stays with the
-branch that wrote it; a fork pays only its ``ref`` manifest. Layout documents and anything
-else under the run are ``shared_bytes``; the run-level ratio divides every checkpoint of the
-run by ``store.total_bytes(run)``, everything counted once.
+charged its own ledger documents (its ref ``refs/branches/<name>.json`` and everything under
+``branches/<id>/``: branch.json, commits, pages, top.json) and the blobs its own checkpoints
+reference (a blob referenced more than once — the segment blob of a compacted page — is charged
+once, to the first of main, clean, replay). History a fork shares — the branch point, main's
+steps before the replay's fork — stays with the branch that wrote it; a fork pays only its ref
+and its own commits. Layout documents, links and anything else under the run are
+``shared_bytes``; the run-level ratio divides every checkpoint of the run by
+``store.total_bytes(run)``, everything counted once.
 
     compression_ratio = checkpoints × bytes(torch.save(model.state_dict())) ÷ bytes_stored
 
@@ -57,183 +59,25 @@ SGD, whose checkpointed state is its JSON hyper-parameters (no tensors).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import io
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.restore import Reader
-from ..data import load_dataset, make_slices, split_spec
 from ..errors import RaybranchError
+from ..ledger.lineage import Lineage
 from ..lora import inject_delta_lora, merge_and_reinit_
 from ..models import build_model
-from ..poison import attack_success_rate, flip_labels, poison_backdoor, trigger_value
+from ..poison import attack_success_rate
 from ..store.store import Store, open_store
-from ..train.loop import SETTLE_TAG, checkpoint_state, evaluate_accuracy, load_checkpoint, train_slice
+from ..train.loop import checkpoint_state, evaluate_accuracy, load_checkpoint, train_slice
+from .accounting import attribute_bytes, torch_save_bytes
+from .config import (
+    BRANCH_KEYS, LORA_MERGE, MECHANISMS, POISON_KINDS, RECOVERY_KEYS, ExperimentConfig, Hooks, SplitData, prepare_data,
+)
 from .slices import BRANCH_POINT_TAG, step_before_slice
-
-MECHANISMS = ("lc", "lc+dlora")
-LORA_MERGE = ("none", "slice-end")
-POISON_KINDS = ("backdoor", "flip", "none")
-BRANCH_KEYS = (
-    "compression_ratio", "space_savings", "bytes_stored", "bytes_torch_save", "checkpoints",
-    "acc_restored", "acc_full", "per_slice_acc", "attack_success_rate",
-)
-RECOVERY_KEYS = (
-    "instant_seconds", "replay_seconds", "retrain_from_scratch_seconds", "acc_replay", "acc_oracle",
-    "asr_before", "asr_after",
-)
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything a run depends on; defaults are the offline demo (LeNet-5 on digits)."""
-
-    name: str = "demo"                 # run names are <name>-lc, <name>-lc-dlora
-    model: str = "lenet5"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    split: str = "4x25"
-    warmup_fraction: float = 0.15      # of the training set: trains the branch point
-    val_fraction: float = 0.10         # of the training set: early stopping
-    seed: int = 0
-    branch_point_target: float = 0.75  # validation accuracy of the branch point
-    branch_point_max_epochs: int = 40
-    lr: float = 0.05                   # plain SGD (report: SGD, lr 0.08, batch 128 on MNIST)
-    lora_lr: float = 0.1               # SGD lr of the Delta-LoRA models
-    batch_size: int = 32
-    epochs: int = 30                   # per slice, at most
-    patience: int = 6                  # epochs without a better validation accuracy (0: no early stopping)
-    checkpoint_every: int = 1
-    settle: int = 2                    # extra checkpoints of the slice-end state (see train.loop)
-    serve_snapshot: tuple[str, ...] = MECHANISMS  # mechanisms whose clean slice ends are exact snapshots
-    poison: str = "backdoor"           # backdoor | flip | none
-    poison_slice: int = 3              # 1-based; also the slice quarantined
-    poison_rate: float = 0.2           # share of the slice's images poisoned
-    poison_target: int = 0
-    trigger_size: int = 6              # px of 28 (a 3 px patch is not learnt before early stopping)
-    mechanisms: tuple[str, ...] = MECHANISMS
-    bits: int = 3
-    granularity: str = "global"
-    snapshot_every: int | None = None
-    segment_size: int = 64
-    lora_pattern: str = "classifier"
-    lora_rank: int = 8
-    lora_scale: float = 0.5
-    lora_merge: str = "none"           # none | slice-end (merge & re-initialise A, B)
-    compare_lora_merge: bool = False   # also run main with the other merge policy, record both
-
-    def validate(self) -> None:
-        fracs = split_spec(self.split)
-        if not 0 < self.warmup_fraction < 1 or not 0 < self.val_fraction < 1 or self.warmup_fraction + self.val_fraction >= 1:
-            raise RaybranchError(f"warmup_fraction {self.warmup_fraction} and val_fraction {self.val_fraction} must be in (0, 1) and sum below 1")
-        if self.poison not in POISON_KINDS:
-            raise RaybranchError(f"poison must be one of {POISON_KINDS}, got {self.poison!r}")
-        if not 1 <= self.poison_slice <= len(fracs):
-            raise RaybranchError(f"poison_slice {self.poison_slice} is not one of the slices 1..{len(fracs)} of split {self.split!r}")
-        bad = [m for m in (*self.mechanisms, *self.serve_snapshot) if m not in MECHANISMS]
-        if bad or not self.mechanisms:
-            raise RaybranchError(f"mechanisms and serve_snapshot must be subsets of {MECHANISMS} (mechanisms non-empty), got {list(self.mechanisms)}, {list(self.serve_snapshot)}")
-        if self.patience < 0 or self.epochs < 1 or self.batch_size < 1:
-            raise RaybranchError(f"epochs and batch_size must be ≥ 1 and patience ≥ 0, got {self.epochs}, {self.batch_size}, {self.patience}")
-        if self.lora_merge not in LORA_MERGE:
-            raise RaybranchError(f"lora_merge must be one of {LORA_MERGE}, got {self.lora_merge!r}")
-
-    @classmethod
-    def quick(cls, **overrides) -> "ExperimentConfig":
-        """The ``--quick`` demo: fewer epochs and a shorter patience."""
-        return cls(**{"epochs": 8, "patience": 2, "branch_point_max_epochs": 20, **overrides})
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mechanisms"] = list(self.mechanisms)
-        d["serve_snapshot"] = list(self.serve_snapshot)
-        return d
-
-
-@dataclass
-class Hooks:
-    """Progress and log callbacks (the CLI wires a progress bar to them)."""
-
-    phase: Callable[[str], None] = lambda name: None
-    step: Callable[[int], None] = lambda step: None
-    log: Callable[[str], None] = lambda msg: None
-
-
-@dataclass
-class SplitData:
-    warmup: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    slices: list[tuple[torch.Tensor, torch.Tensor]]          # index 0 = slice 1
-    test: tuple[torch.Tensor, torch.Tensor]
-    meta: object
-    trigger: torch.Tensor
-    sizes: dict = field(default_factory=dict)
-
-
-def prepare_data(cfg: ExperimentConfig) -> SplitData:
-    """Load, cut into warm-up / validation / slices, poison slice ``poison_slice``."""
-    train, test, meta = load_dataset(cfg.dataset, cfg.data_dir)
-    fracs = split_spec(cfg.split)
-    rest = 1.0 - cfg.warmup_fraction - cfg.val_fraction
-    parts = make_slices(train.labels, [cfg.warmup_fraction, cfg.val_fraction, *(rest * f for f in fracs)], cfg.seed)
-    images, labels = train.images, train.labels
-    trigger = trigger_value(images)
-    k_idx = parts[2 + cfg.poison_slice - 1]
-    poisoned = 0
-    if cfg.poison == "backdoor":
-        images, labels = poison_backdoor(images, labels, k_idx, cfg.poison_rate, cfg.poison_target,
-                                         seed=cfg.seed, size=cfg.trigger_size, value=trigger)
-        poisoned = int(round(cfg.poison_rate * k_idx.numel()))
-    elif cfg.poison == "flip":
-        labels = flip_labels(labels, k_idx, cfg.poison_rate, "next", seed=cfg.seed, num_classes=meta.num_classes)
-        poisoned = int((labels[k_idx] != train.labels[k_idx]).sum())
-    take = lambda idx: (images[idx], labels[idx])  # noqa: E731
-    sizes = {"train": len(train), "test": len(test), "warmup": parts[0].numel(), "val": parts[1].numel(),
-             "slices": [p.numel() for p in parts[2:]], "poisoned": poisoned}
-    return SplitData(
-        warmup=(train.images[parts[0]], train.labels[parts[0]]),
-        val=(train.images[parts[1]], train.labels[parts[1]]),
-        slices=[take(p) for p in parts[2:]],
-        test=(test.images, test.labels),
-        meta=meta, trigger=trigger, sizes=sizes,
-    )
-
-
-def torch_save_bytes(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())`` (the baseline of every ratio)."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
-
-
-def attribute_bytes(store: Store, run: str, branches: list[str]) -> tuple[dict[str, dict], int, int]:
-    """({branch: {"bytes_stored", "checkpoints"}}, shared bytes, total bytes) — see the module
-    docstring for the rule."""
-    from ..checkpoint.manifest import RunIndex
-
-    index = RunIndex(store, run)
-    charged: set[str] = set()
-    out = {}
-    for b in branches:
-        entries = index.entries(b, refresh=True)
-        own = [e for e in entries.values() if e["kind"] != "ref"]
-        settle = sum(1 for e in own if SETTLE_TAG in e.get("tags", []))
-        blob_bytes = 0
-        for e in own:
-            h, size = e["blob"]
-            if h not in charged:
-                charged.add(h)
-                blob_bytes += int(size)
-        docs = store.total_bytes(f"{run}/manifests/{b}") + store.total_bytes(f"{run}/segments/{b}")
-        out[b] = {"bytes_stored": blob_bytes + docs, "checkpoints": len(own) - settle, "settle_checkpoints": settle}
-    total = store.total_bytes(run)
-    return out, total - sum(v["bytes_stored"] for v in out.values()), total
 
 
 class Experiment:
@@ -443,7 +287,11 @@ class Experiment:
         return out
 
     def restored(self, template: nn.Module, ck: Checkpointer, step: int | None) -> nn.Module:
+        """The model of ``ck``'s branch at ``step`` (None: its head now), read from the store."""
         model = copy.deepcopy(template)
+        # a Reader keeps a branch's Lineage as it first opened it (its head included): open it
+        # again, the branch has moved on since
+        ck.reader.lineage(ck.branch, refresh=True)
         load_checkpoint(model, ck.restore(step))
         return model
 
@@ -461,7 +309,7 @@ class Experiment:
 
         self.hooks.phase(f"{mech} replay without slice {k}")
         t0 = time.perf_counter()
-        from_step = step_before_slice(main_ck.index, "main", k)
+        from_step = step_before_slice(Lineage(self.store, run, "main"), k)
         rp_ck = main_ck.fork("replay", step=from_step)
         model = copy.deepcopy(template)
         opt = self.optimizer(model, lora)
@@ -577,13 +425,16 @@ def run_experiment(config: ExperimentConfig, store_uri: str, out_dir: str | None
     return result
 
 
-__all__ = [
+__all__ = [  # the configuration, data and byte accounting live in .config and .accounting; importable from here too
     "BRANCH_KEYS",
+    "LORA_MERGE",
     "MECHANISMS",
+    "POISON_KINDS",
     "RECOVERY_KEYS",
     "Experiment",
     "ExperimentConfig",
     "Hooks",
+    "SplitData",
     "attribute_bytes",
     "prepare_data",
     "run_experiment",

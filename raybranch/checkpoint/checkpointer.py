@@ -61,6 +61,7 @@ class Checkpointer:
         optimizer_codec: str = "exact",
         save_rng: bool | None = None,
         device: torch.device | str | None = None,
+        flush_every: int = 1,
     ):
         self.store = open_store(store) if isinstance(store, str) else store
         self.run = check_name("run", run)
@@ -72,8 +73,11 @@ class Checkpointer:
             raise RaybranchError(f"segment_size must be >= 0 (0 = pages of {PAGE_SIZE} commits, never compacted), got {segment_size}")
         if optimizer_codec not in ("exact", "lc"):
             raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise RaybranchError(f"flush_every must be a positive number of saves per commit, got {flush_every!r}")
         self.snapshot_every = snapshot_every
         self.segment_size = segment_size
+        self.flush_every = flush_every
         self.exact_patterns = [re.compile(p) for p in exact]
         self.min_lossy_numel = min_lossy_numel
         self.optimizer_codec = optimizer_codec
@@ -87,6 +91,7 @@ class Checkpointer:
         self._last_exact: dict[str, torch.Tensor] = {}
         self._head: dict | None = None  # the head step's entry
         self._loaded = False
+        self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
         self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
 
     # -- public API ---------------------------------------------------------------------------
@@ -144,12 +149,9 @@ class Checkpointer:
                 rows.append(Row(step, n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t))))
         self.timings["encode_s"] += time.perf_counter() - t0
 
-        t1 = time.perf_counter()
         writer = self._writer
         if layout_hash != self._layout_hash:
             self.store.create(layout_key(self.run, layout_hash), layout_bytes)
-        blob = write_blob(rows, {"run": self.run, "branch_id": writer.bid, "step": step})
-        h, size = self.store.put_blob(self.run, blob)
         entry = {
             "step": step,
             "kind": "snapshot" if is_snapshot else "delta",
@@ -162,12 +164,7 @@ class Checkpointer:
             "meta": meta,
             "time": round(time.time(), 3),
         }
-        seal_s = self.sealer.seconds
-        writer.commit([entry], [{"name": "0", "blob": [h, size]}], slices=slices)  # the commit (and a page seal when due)
-        self.timings["compact_s"] += self.sealer.seconds - seal_s
-        self.timings["write_s"] += time.perf_counter() - t1 - (self.sealer.seconds - seal_s)
-
-        # in-memory state advances only after the commit
+        # the reconstruction advances at capture; a group that fails to commit rebuilds it from the store
         if is_snapshot or layout_hash != self._layout_hash:
             self._reset_encoders(layout, flats)
         else:
@@ -177,15 +174,21 @@ class Checkpointer:
         for n, t in changed.items():
             self._last_exact[n] = t.detach().clone()
         self._head = {**entry, "branch_id": writer.bid}
+        self._group.append((entry, rows))
+        if len(self._group) >= self.flush_every or is_snapshot or tags:
+            self._commit_group()
         return f"{self.run}/{self.branch}/{step}"
 
     def restore(self, step: int | None = None, branch: str | None = None) -> dict:
-        """{"model": state_dict, "optimizer": state_dict | None, "extra": …, "rng": …, "step": …}."""
+        """{"model": state_dict, "optimizer": state_dict | None, "extra": …, "rng": …, "step": …}.
+        The open group is committed first, so every saved step can be restored."""
+        self.flush()
         return self.reader.restore(branch or self.branch, step)
 
     def log(self, branch: str | None = None) -> list[dict]:
         """Every committed checkpoint of the branch, oldest first; a forked branch starts with
         its fork point (kind "fork")."""
+        self.flush()
         lin = Lineage(self.store, self.run, branch or self.branch)
         return branch_log(lin)
 
@@ -196,6 +199,7 @@ class Checkpointer:
     def fork(self, branch: str, step: int | None = None, **overrides) -> "Checkpointer":
         """A new branch whose history is this branch up to ``step`` (shared, not copied)."""
         check_name("branch", branch)
+        self.flush()
         lin = Lineage(self.store, self.run, self.branch)
         src = lin.entry(step)
         fork = {"branch_id": src["branch_id"], "branch": lin.branch_name_of(src["branch_id"]), "step": src["step"], "seq": src["seq"]}
@@ -204,7 +208,7 @@ class Checkpointer:
             bits=self.params.bits, granularity=self.params.granularity, value=self.params.value,
             snapshot_every=self.snapshot_every, segment_size=self.segment_size,
             exact=[p.pattern for p in self.exact_patterns], min_lossy_numel=self.min_lossy_numel,
-            optimizer_codec=self.optimizer_codec, save_rng=self.save_rng, device=self.device,
+            optimizer_codec=self.optimizer_codec, save_rng=self.save_rng, device=self.device, flush_every=self.flush_every,
         )
         kwargs.update(overrides)
         return Checkpointer(self.store, self.run, branch, **kwargs)
@@ -220,10 +224,34 @@ class Checkpointer:
         return self._writer.epoch
 
     def flush(self) -> None:
-        """Every save is committed when it returns; nothing is buffered."""
+        """Commit the open group (the saves since the last commit) now."""
+        if self._group:
+            self._commit_group()
 
-    def close(self, compact_tail: bool = True) -> None:
-        """End of a run: commits are already durable; pages are sealed as they fill up."""
+    def close(self) -> None:
+        """Commit the open group; pages are sealed as they fill up, so nothing else is left."""
+        self.flush()
+
+    def _commit_group(self) -> None:
+        """One blob and one commit for the open group. On failure the group is lost (the error
+        names its steps) and the in-memory state is rebuilt from the last commit by the next save."""
+        group, self._group = self._group, []
+        t1 = time.perf_counter()
+        writer = self._writer
+        steps = [e["step"] for e, _ in group]
+        try:
+            rows = [r for _, rs in group for r in rs]
+            blob = write_blob(rows, {"run": self.run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]]})
+            h, size = self.store.put_blob(self.run, blob)
+            seal_s = self.sealer.seconds
+            writer.commit([e for e, _ in group], [{"name": "0", "blob": [h, size]}],
+                          slices=sorted({k for e, _ in group for k in e["slices"]}))
+        except RaybranchError as exc:
+            self._loaded, self._writer, self._head = False, None, None
+            lost = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
+            raise type(exc)(f"{lost} of branch {self.branch!r} not committed: {exc}") from None
+        self.timings["compact_s"] += self.sealer.seconds - seal_s
+        self.timings["write_s"] += time.perf_counter() - t1 - (self.sealer.seconds - seal_s)
 
     # -- internals ----------------------------------------------------------------------------
     def _collect(self, model, optimizer, extra) -> tuple[dict[str, torch.Tensor], dict]:

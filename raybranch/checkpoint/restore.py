@@ -87,7 +87,12 @@ def seg_offsets(layout_group: dict, params: LCParams) -> np.ndarray | None:
 
 
 def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict]:
-    """(flat reconstructions per lossy group, exact tensors, layout) of the chain's last entry."""
+    """(flat reconstructions per lossy group, exact tensors, layout) of the chain's last entry.
+
+    Decoding starts at the chain's last snapshot (retention may have turned a step inside a
+    chain into one); exact tensors are looked up from the end back to the chain's start."""
+    full = chain
+    chain = chain[max(i for i, e in enumerate(chain) if e["kind"] == "snapshot"):]
     blobs.prefetch([p["blob"] for e in chain for p in e["parts"]])
     layout = layouts.get(chain[-1]["layout"])
     snap = chain[0]
@@ -98,7 +103,7 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple
             acc[r.name] = np.array(decode_exact(r.payload, np.float32, r.shape), copy=True)
     for g in layout["groups"]:
         if g not in acc:
-            raise CorruptBlobError(f"snapshot {snap['branch']}/{snap['step']} lacks group {g!r}")
+            raise CorruptBlobError(f"snapshot {snap['branch_id']}/{snap['step']} lacks group {g!r}")
     for i, e in enumerate(chain[1:]):
         params = LCParams.from_json(e["codec"])
         for r in _rows_of(blobs, e):
@@ -110,16 +115,16 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple
             try:
                 apply_delta(acc[r.name], r.payload, tables, offs, first=(i == 0))
             except (ValueError, IndexError) as exc:
-                raise CorruptBlobError(f"delta of {e['branch']}/{e['step']} group {r.name!r} cannot be decoded: {exc}") from None
+                raise CorruptBlobError(f"delta of {e['branch_id']}/{e['step']} group {r.name!r} cannot be decoded: {exc}") from None
     exact: dict[str, torch.Tensor] = {}
-    for e in reversed(chain):
+    for e in reversed(full):
         for r in _rows_of(blobs, e):
             if r.kind == "exact" and r.name not in exact:
                 arr = decode_exact(r.payload, st.numpy_storage_dtype(r.dtype), r.shape)
                 exact[r.name] = st.from_numpy(arr, r.dtype, r.shape)
     missing = [n for n in layout["exact"] if n not in exact]
     if missing:
-        raise CorruptBlobError(f"checkpoint {chain[-1]['branch']}/{chain[-1]['step']} lacks exact tensors {missing[:3]}")
+        raise CorruptBlobError(f"checkpoint {chain[-1]['branch_id']}/{chain[-1]['step']} lacks exact tensors {missing[:3]}")
     return acc, exact, layout
 
 

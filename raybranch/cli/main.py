@@ -7,25 +7,23 @@ import sys
 
 from ..errors import RaybranchError
 from .demo import add_parser as add_demo_parser
+from .store_cmds import add_parsers as add_store_parsers
 from .sweep import add_parser as add_sweep_parser
 
 
 def _cmd_log(args) -> int:
-    from ..checkpoint.checkpointer import log_record
-    from ..checkpoint.manifest import RunIndex
+    from ..checkpoint.checkpointer import branch_log
+    from ..ledger.lineage import Lineage
+    from ..ledger.refs import list_branch_names
     from ..store.store import open_store
 
     store = open_store(args.store)
-    index = RunIndex(store, args.run)
-    branches = [args.branch] if args.branch else index.branches()
+    branches = [args.branch] if args.branch else list_branch_names(store, args.run)
     if not branches:
         raise _not_found(f"run {args.run!r} has no checkpoints in {store.uri}")
     records = []
-    for b in branches:
-        entries = index.entries(b, refresh=True)
-        if not entries:
-            raise _not_found(f"run {args.run!r} has no branch {b!r} in {store.uri} (branches: {', '.join(index.branches()) or 'none'})")
-        records += [log_record(e) for e in entries.values()]
+    for b in branches:  # an unknown branch: NotFoundError naming the run's branches
+        records += branch_log(Lineage(store, args.run, b))
     if args.json:
         json.dump(records, sys.stdout, indent=1)
         print()
@@ -57,7 +55,7 @@ def _cmd_restore(args) -> int:
     if args.before_slice is not None:
         from ..branches.slices import step_before_slice
 
-        step = step_before_slice(reader.index, args.branch, args.before_slice)
+        step = step_before_slice(reader.lineage(args.branch), args.before_slice)
     state = reader.restore(args.branch, step)
     save_state_dict(state["model"], args.output)
     print(f"restored {args.run}/{args.branch}/{state['step']} -> {args.output}")
@@ -65,21 +63,23 @@ def _cmd_restore(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from ..checkpoint.verify import runs, verify_run
+    from ..ledger.verify import runs, verify_store
     from ..store.store import open_store
 
     store = open_store(args.store)
-    todo = [args.run] if args.run else runs(store)
-    if args.run and args.run not in runs(store):
-        raise _not_found(f"run {args.run!r} does not exist in {store.uri}")
-    bad = 0
-    for run in todo:
-        problems, checked = verify_run(store, run)
-        for p in problems:
-            print(f"raybranch verify: {p}", file=sys.stderr)
-        bad += len(problems)
-        print(f"{run}: {checked} checkpoints, {'OK' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if bad else 0
+    found = runs(store)
+    if not found:
+        raise _not_found(f"store {store.uri} holds no run (is the URI right?)")
+    if args.run and args.run not in found:
+        raise _not_found(f"run {args.run!r} does not exist in {store.uri} (runs: {', '.join(found)})")
+    rep = verify_store(store, args.run)
+    for p in rep.problems:
+        print(f"raybranch verify: {p}", file=sys.stderr)
+    c = rep.counts
+    print(f"checked {c['runs']} run(s), {c['branches']} branch(es), {c['commits']} commits, {c['steps']} checkpoints, "
+          f"{c['pages']} pages, {c['blobs']} blobs, {c['layouts']} layouts, {c['bytes']} bytes: "
+          + ("OK" if not rep.problems else f"{len(rep.problems)} problem(s)"))
+    return 1 if rep.problems else 0
 
 
 def _cmd_bench(args) -> int:
@@ -124,12 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_bench)
     add_demo_parser(sub)
     add_sweep_parser(sub)
+    add_store_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "_check"):
+        args._check(args, parser)
     try:
         return int(args.fn(args) or 0)
     except RaybranchError as exc:

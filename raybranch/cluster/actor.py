@@ -1,415 +1,68 @@
-"""The checkpoint actor: encode, write and commit checkpoints off the training critical path.
+"""The checkpoint actor's client: Checkpointer.save off the training critical path.
 
     ckpt = AsyncCheckpointer("s3://bucket/ckpts", run="exp1", branch="main", bits=3)
     for step in ...:
         ...  # optimizer.step()
         ckpt.save(step, model, optimizer)        # returns after copying the state to a CPU buffer
-    ckpt.close()                                  # waits for every save, compacts the tail
+    ckpt.close()                                  # waits for every save
 
 Data flow of one save (DESIGN.md "Data flow")::
 
     training worker                                CheckpointActor (one per run/branch)
       main thread: state → one byte buffer (copy)    Checkpointer.save: δ vs ũ, quantize, zstd,
-      sender thread: ray.put ──ObjectRef──▶          blob, manifest (= commit); retried with
-        (saves queued meanwhile go in one call)      backoff on StoreError / OSError
-      ≤ max_pending saves in flight                  compaction into segments: a background thread
+      sender thread: ray.put ──ObjectRef──▶          blob, commit; every segment_size commits a
+        (saves queued meanwhile go in one call)      page seal + compaction; retried with
+      ≤ max_pending saves in flight                  backoff on StoreError / OSError
 
-Only numpy byte buffers and JSON cross the process boundary: no torch object is pickled. The
-actor reads every tensor as a zero-copy view of the buffer in the object store (read-only; the
-Checkpointer copies what it keeps). Saves of one branch are ordered: the actor runs one call at a
-time, Ray runs the calls of one submitter in submission order, and a call's saves run in order.
+Only numpy byte buffers and JSON cross the process boundary (:mod:`.handoff`): no torch object
+is pickled. The actor reads every tensor as a zero-copy view of the buffer in the object store
+(read-only; the Checkpointer copies what it keeps). Saves of one branch are ordered: the actor
+runs one call at a time, Ray runs the calls of one submitter in submission order, and a call's
+saves run in order. What the actor does with a save — writer registration and fencing, retries
+with the Checkpointer rebuilt from the store — is in :mod:`.service`.
 
 Backpressure: at most ``max_pending`` saves are in flight per client; the next ``save`` waits for
-the oldest to finish, so a slow store slows training down instead of growing memory.
+the oldest to finish, so a slow store slows training down instead of growing memory. The save
+that completes a page also seals it and compacts its blobs (it reads and rewrites them): the
+queue absorbs that longer save, training waits for it only when the queue is full.
 
-Retries: a failed save is retried as a whole, up to ``RetryPolicy.attempts`` times, sleeping
-min(cap, base·2^(k−1)) after the k-th failure. Before each retry the actor rebuilds its
-Checkpointer from the store, so its in-memory state (head, reconstruction ũ, index) is exactly what
-the store holds: the blob is content-addressed and the manifest written last, so either the earlier
-attempt committed the step (the retry finds it at the head and stops) or it did not (the retry
-encodes the same state against the same ũ and writes the same blob). Rebuilding also sidesteps two
-ways a Checkpointer's memory parts from the store after a store error: a head load that failed
-once is not retried (the next save starts a new chain with no parent), and an inline compaction
-cut short leaves its index naming deleted blobs (every later save fails with NotFoundError).
-
-Errors: a save that fails for good (NaN/Inf, retries used up, a bad step) is never swallowed. The
-actor refuses the saves queued after it (so a branch never silently skips a step) and the client
-raises the original error, type and message, from its next ``save``/``flush``/``close``. After
-that the branch accepts saves again (e.g. after rolling back to the last good checkpoint).
+Errors: a save that fails for good (NaN/Inf, retries used up, a bad step, fenced by a newer
+writer) is never swallowed. The actor refuses the saves queued after it (so a branch never
+silently skips a step) and the client raises the original error, type and message, from its
+next ``save``/``flush``/``close``. After that the branch accepts saves again (e.g. after rolling
+back to the last good checkpoint) — except after a FencedError: another writer owns the branch.
 
 Not here yet: a GPU worker quantizing on its own device and sending symbols instead of weights
 (the actor encodes on its CPU; a CUDA state is copied to pinned memory asynchronously).
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
-import warnings
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import ray
 import torch
 
-from ..checkpoint import state as st
-from ..checkpoint.checkpointer import Checkpointer, log_record
-from ..checkpoint.compact import compact_branch
-from ..checkpoint.manifest import RunIndex, check_name
+from ..checkpoint.checkpointer import branch_log
 from ..checkpoint.restore import Reader
-from ..errors import RaybranchError, StoreError
+from ..errors import RaybranchError
+from ..ledger.lineage import Lineage
+from ..ledger.records import check_name
 from ..store.store import Store, open_store
+from .handoff import pack_state, unpack_state
+from .service import (
+    CheckpointActor,
+    CheckpointActorError,
+    CheckpointService,
+    RetryPolicy,
+    SaveSkippedError,
+    actor_name,
+)
 
 DEFAULT_MAX_PENDING = 4
-_READ_ONLY_WARNING = "The given NumPy array is not writable"
-
-
-class SaveSkippedError(RaybranchError):
-    """A save the actor refused because an earlier save of the branch failed."""
-
-
-class CheckpointActorError(RaybranchError):
-    """The checkpoint actor died or could not be reached."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of a failed save: ``attempts`` tries in all; after the k-th failure sleep
-    min(cap_s, base_s · 2^(k−1)) seconds."""
-
-    attempts: int = 8
-    base_s: float = 0.2
-    cap_s: float = 5.0
-
-    def __post_init__(self):
-        if self.attempts < 1 or self.base_s < 0 or self.cap_s < 0:
-            raise RaybranchError(f"retry policy needs attempts >= 1 and delays >= 0, got {self}")
-
-    def delay(self, failures: int) -> float:
-        return min(self.cap_s, self.base_s * 2.0 ** (failures - 1))
-
-
-def actor_name(run: str, branch: str) -> str:
-    """The Ray name of a branch's checkpoint actor."""
-    return f"raybranch-ckpt-{check_name('run', run)}-{check_name('branch', branch)}"
-
-
-# -- what travels: one byte buffer + JSON -----------------------------------------------------
-_ALIGN = 64  # every tensor starts on a 64-byte boundary of the buffer
-
-
-def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = False,
-               alloc: Callable[[int, bool], torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
-    """(buffer, meta JSON) of a training state, ready for ``ray.put``.
-
-    The buffer is one contiguous uint8 array holding a copy of every tensor (model, optimizer
-    state, RNG states, tensors in ``extra``), each at a 64-byte-aligned offset; a GPU tensor is
-    copied straight into it. ``meta`` lists [group, name, dtype, shape, offset] per tensor
-    (group ∈ model, optim, rng, extra) and holds the JSON parts (optimizer hyper-parameters, RNG
-    scalars, non-tensor extras). One array is the cheapest thing to put in the object store, and
-    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`). ``alloc(n, pinned)``
-    supplies the uint8 buffer (to reuse buffers); the buffer is returned as a tensor
-    (``.numpy()`` is a view of it).
-
-    With CUDA tensors the buffer is pinned and the copies are asynchronous on the current stream:
-    the caller must wait for them (a CUDA event recorded after this call) before reading the
-    buffer. Kernels queued later on that stream (the next optimizer step) run after the copies,
-    so the snapshot is the state at this call.
-    """
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": st.model_tensors(model)}
-    meta: dict = {}
-    if isinstance(model, torch.nn.Module):  # the Checkpointer groups a module's buffers apart
-        meta["buffers"] = [n for n, _ in model.named_buffers()]
-    if optimizer is not None:
-        groups["optim"], meta["optimizer"] = st.optimizer_tensors(optimizer)
-    if rng:
-        groups["rng"], meta["rng"] = st.rng_tensors()
-    if extra:
-        groups["extra"], meta["extra"] = st.extra_tensors(extra)
-    layout, total = [], 0
-    for g, ts in groups.items():
-        for k, t in ts.items():
-            layout.append([g, k, st.dtype_name(t.dtype), list(t.shape), total])
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    cuda = any(t.is_cuda for ts in groups.values() for t in ts.values())
-    buf = alloc(total, cuda) if alloc is not None else torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
-    for (g, k, _, _, off) in layout:
-        t = groups[g][k]
-        if t.numel():
-            buf[off : off + t.numel() * t.element_size()].view(t.dtype).copy_(t.detach().reshape(-1), non_blocking=cuda)
-    meta["tensors"] = layout
-    return buf, json.dumps(meta)
-
-
-def unpack_state(buf: np.ndarray, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """{group: {name: tensor}} as views of ``buf`` (which may be a read-only object-store view)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING)
-        whole = torch.from_numpy(buf)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for g, k, dtype, shape, off in meta["tensors"]:
-        dt = st.dtype_from_name(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
-        out.setdefault(g, {})[k] = whole[off : off + n].view(dt).reshape(shape)
-    return out
-
-
-class _ModuleState(torch.nn.Module):
-    """A module as far as Checkpointer.save reads one: its state_dict and its buffers' names."""
-
-    def __init__(self, sd: dict[str, torch.Tensor], buffers: list[str]):
-        super().__init__()
-        self._rb_sd, self._rb_buffers = sd, buffers
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return self._rb_sd
-
-    def named_buffers(self, *args, **kwargs):
-        return ((n, self._rb_sd.get(n)) for n in self._rb_buffers)
-
-
-class _OptimizerState:
-    """What Checkpointer.save needs of an optimizer: its state_dict."""
-
-    def __init__(self, sd: dict):
-        self._sd = sd
-
-    def state_dict(self) -> dict:
-        return self._sd
-
-
-# -- the actor ---------------------------------------------------------------------------------
-class BackgroundCompactor:
-    """Compaction of one branch in a thread of the actor, so saves never wait for it.
-
-    Inline, :class:`~raybranch.Checkpointer` rewrites ``segment_size`` deltas into a segment during
-    the save that completes them (~140 ms for 64 LeNet-5 deltas): with a queue of 4 saves that
-    would stall training every ``segment_size`` steps. Here the actor's Checkpointer runs with
-    ``segment_size=0`` and this thread runs :func:`~raybranch.checkpoint.compact.compact_branch`
-    (same batches, same segments) on its own index, fed with each committed entry. ``lock`` is held
-    by a pass, and by the saver while it reloads its state from the store, so a reload never sees
-    a pass half done. A failed pass loses nothing (the loose deltas stay committed); it is retried
-    on the next trigger, and the tail compaction at ``close`` raises if it still fails.
-    """
-
-    def __init__(self, store: Store, run: str, branch: str, segment_size: int, retry: RetryPolicy):
-        self.store, self.run, self.branch, self.segment_size, self.retry = store, run, branch, segment_size, retry
-        self.lock = threading.Lock()
-        self._cv = threading.Condition()
-        self._index: RunIndex | None = None
-        self._new: list[dict] = []  # committed entries the index has not taken in yet
-        self._loose = 0  # loose deltas, as far as this object knows
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self.stats = {"passes": 0, "moved": 0, "failures": 0, "busy_s": 0.0, "last_error": None}
-
-    def committed(self, entry: dict) -> None:
-        """The saver committed ``entry`` (a manifest entry as the RunIndex holds it)."""
-        with self._cv:
-            self._new.append(entry)
-            self._loose += entry["kind"] == "delta"
-            if self._loose >= self.segment_size:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name=f"raybranch-compact-{self.branch}", daemon=True)
-                    self._thread.start()
-                self._cv.notify()
-
-    def reset(self) -> None:
-        """Forget the index (call with ``lock`` held, after the store changed under it)."""
-        with self._cv:
-            self._index = None
-            self._new.clear()
-            self._loose = self.segment_size  # look at the store on the next pass
-            self._cv.notify()
-
-    def compact(self, tail: bool = False) -> int:
-        """One pass now (``tail``: also the last, shorter run of deltas); returns deltas moved."""
-        t0 = time.monotonic()
-        with self.lock:
-            try:
-                if self._index is None:
-                    self._index = RunIndex(self.store, self.run)
-                    self._index.entries(self.branch, refresh=True)
-                with self._cv:
-                    new, self._new = self._new, []
-                entries = self._index.entries(self.branch)
-                top = max(entries, default=-1)
-                for e in new:  # only what the load did not already see (steps only grow)
-                    if e["step"] > top:
-                        self._index.add(e)
-                moved = compact_branch(self.store, self._index, self.branch, self.segment_size, tail=tail)
-            except BaseException:
-                self._index = None  # may no longer match the store: reload on the next pass
-                self.stats["failures"] += 1
-                raise
-            finally:
-                self.stats["busy_s"] += time.monotonic() - t0
-            loose = sum(1 for e in self._index.entries(self.branch).values() if "file" in e and e["kind"] == "delta")
-            with self._cv:
-                self._loose = loose + sum(e["kind"] == "delta" for e in self._new)
-        self.stats["passes"] += 1
-        self.stats["moved"] += moved
-        return moved
-
-    def _loop(self) -> None:
-        failures = 0
-        while True:
-            with self._cv:
-                while not self._stop and self._loose < self.segment_size:
-                    self._cv.wait()
-                if self._stop:
-                    return
-            try:
-                self.compact()
-                failures = 0
-            except Exception as exc:  # noqa: BLE001 - kept, retried, and raised by close() if it persists
-                failures += 1
-                self.stats["last_error"] = f"{type(exc).__name__}: {exc}"
-                with self._cv:
-                    self._cv.wait_for(lambda: self._stop, timeout=self.retry.delay(failures))
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class CheckpointService:
-    """One branch's Checkpointer behind a Ray actor (see :data:`CheckpointActor`).
-
-    ``store_factory(uri) -> Store`` opens the store inside the actor (default
-    :func:`raybranch.open_store`), so credentials come from the actor's environment and are never
-    sent. ``checkpointer_kwargs`` go to :class:`~raybranch.Checkpointer`, except that compaction
-    into segments of ``segment_size`` runs in a :class:`BackgroundCompactor`.
-    """
-
-    def __init__(self, store_uri: str, run: str, branch: str, checkpointer_kwargs: dict | None = None,
-                 retry: RetryPolicy | None = None, store_factory: Callable[[str], Store] | None = None,
-                 threads: int = 1):
-        if threads:
-            torch.set_num_threads(threads)
-        kwargs = dict(checkpointer_kwargs or {})
-        self.config = {"store": store_uri, "run": run, "branch": branch, "checkpointer": dict(kwargs)}
-        self.retry = retry or RetryPolicy()
-        self.segment_size = kwargs.pop("segment_size", 64)
-        if not isinstance(self.segment_size, int) or self.segment_size < 0:
-            raise RaybranchError(f"segment_size must be >= 0 (0 = never compact), got {self.segment_size!r}")
-        self._kwargs = {**kwargs, "segment_size": 0}
-        self.store = (store_factory or open_store)(store_uri)
-        self.compactor = BackgroundCompactor(self.store, run, branch, self.segment_size, self.retry) if self.segment_size else None
-        self._ckpt: Checkpointer | None = None
-        self._failure: tuple[int, str] | None = None  # (step, message) of the save that failed
-        self.stats = {"saves": 0, "retries": 0, "found_committed": 0, "failed": 0, "skipped": 0, "busy_s": 0.0}
-        self._cpu0 = time.process_time()  # cpu_s in get_stats: CPU time of the actor since it started
-        Checkpointer(self.store, run, branch, **self._kwargs)  # bad settings fail here, at creation
-
-    def get_config(self) -> dict:
-        return self.config
-
-    def get_stats(self) -> dict:
-        out = dict(self.stats, cpu_s=time.process_time() - self._cpu0)
-        if self.compactor is not None:
-            out["compaction"] = dict(self.compactor.stats)
-        return out
-
-    def _checkpointer(self) -> Checkpointer:
-        """The branch's Checkpointer, (re)loaded from the store while no compaction pass runs."""
-        if self._ckpt is None:
-            c = self.config
-            ck = Checkpointer(self.store, c["run"], c["branch"], **self._kwargs)
-            if self.compactor is None:
-                ck.head()
-            else:
-                with self.compactor.lock:
-                    ck.head()  # loads head, reconstruction and index from the store
-                    self.compactor.reset()
-            self._ckpt = ck
-        return self._ckpt
-
-    def _retrying(self, what: str, fn: Callable[[int], object]):
-        """fn(attempt) with retries on store errors, the Checkpointer rebuilt from the store after each."""
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                return fn(attempt)
-            except (StoreError, OSError) as exc:
-                self._ckpt = None  # its memory may now differ from the store: reload before retrying
-                if attempt == self.retry.attempts:
-                    raise StoreError(f"{what} failed after {attempt} attempts: {' '.join(str(exc).split())}") from None
-                self.stats["retries"] += 1
-                time.sleep(self.retry.delay(attempt))
-
-    def save(self, step: int, buf: np.ndarray, meta_json: str, slices=None, tags=None, snapshot: bool = False) -> dict:
-        """Commit one checkpoint from a buffer made by :func:`pack_state`; returns its record."""
-        t0 = time.monotonic()
-        step = int(step)
-        if self._failure is not None:
-            self.stats["skipped"] += 1
-            raise SaveSkippedError(f"save of step {step} skipped: the save of step {self._failure[0]} failed: {self._failure[1]}")
-        try:
-            meta = json.loads(meta_json)
-            tensors = unpack_state(buf, meta)
-            model = tensors["model"] if "buffers" not in meta else _ModuleState(tensors["model"], meta["buffers"])
-            optimizer = None
-            if "optim" in tensors:
-                optimizer = _OptimizerState(st.optimizer_state_dict(tensors["optim"], meta["optimizer"]))
-            extra = st.extra_from(tensors.get("extra", {}), meta["extra"]) if "extra" in meta else None
-
-            def attempt(n: int) -> str:
-                ck = self._checkpointer()
-                head = ck.head()
-                if n > 1 and head is not None and head["step"] == step:
-                    self.stats["found_committed"] += 1
-                    return head["id"]  # an earlier attempt committed it before failing
-                if "rng" in tensors:  # the worker's generators, where the Checkpointer reads them
-                    st.set_rng({k: v.clone() for k, v in tensors["rng"].items()}, meta["rng"])
-                return ck.save(step, model, optimizer, extra, slices=slices, tags=tags, snapshot=snapshot)
-
-            cid = self._retrying(f"save of step {step}", attempt)
-            if self.compactor is not None:
-                self.compactor.committed(self._ckpt.index.get(self.config["branch"], step))
-        except Exception as exc:
-            self._failure = (step, f"{type(exc).__name__}: {exc}")
-            self.stats["failed"] += 1
-            raise
-        finally:
-            self.stats["busy_s"] += time.monotonic() - t0
-        self.stats["saves"] += 1
-        return {"id": cid, "step": step, "start": t0, "end": time.monotonic()}
-
-    def save_many(self, bufs: list[np.ndarray], items: list[tuple]) -> list[tuple[str, object]]:
-        """Several saves in one call (one object-store read, one Ray call): items are
-        (step, meta_json, slices, tags, snapshot); returns ("ok", record) or ("error", exception)
-        per save, in order, so one failure does not hide the saves that committed before it."""
-        out: list[tuple[str, object]] = []
-        for buf, (step, meta_json, slices, tags, snapshot) in zip(bufs, items):
-            try:
-                out.append(("ok", self.save(step, buf, meta_json, slices, tags, snapshot)))
-            except Exception as exc:  # noqa: BLE001 - returned to the client, which raises it
-                out.append(("error", exc))
-        return out
-
-    def clear_failure(self) -> None:
-        """Accept saves again (the client has raised the error)."""
-        self._failure = None
-
-    def close(self, compact_tail: bool = True) -> None:
-        """Stop background compaction and compact what is left (the tail too, if ``compact_tail``)."""
-        if self.compactor is None:
-            return
-        self.compactor.stop()
-        self._retrying("compaction at close", lambda n: self.compactor.compact(tail=compact_tail))
-
-    def head(self) -> dict | None:
-        return self._retrying("reading the head", lambda n: self._checkpointer().head())
-
-
-CheckpointActor = ray.remote(max_concurrency=1)(CheckpointService)
-"""The Ray actor class: ``CheckpointActor.options(name=actor_name(run, branch)).remote(uri, run, branch, …)``."""
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -465,6 +118,8 @@ class AsyncCheckpointer:
             raise RaybranchError(f"batch must be an integer from 1 to max_pending ({max_pending}), got {batch!r}")
         if "device" in checkpointer_kwargs:
             raise RaybranchError("device is not an AsyncCheckpointer option: the actor encodes on its own device")
+        if checkpointer_kwargs.get("flush_every", 1) != 1:
+            raise RaybranchError("flush_every is not an AsyncCheckpointer option: the actor commits every save")
         if not ray.is_initialized():
             raise RaybranchError("AsyncCheckpointer needs Ray: call ray.init() or run inside a Ray worker")
         self.uri, self.run, self.branch = store, check_name("run", run), check_name("branch", branch)
@@ -479,6 +134,8 @@ class AsyncCheckpointer:
         self._sender: threading.Thread | None = None
         self.records: deque = deque(maxlen=keep_records)  # the latest completed saves: id, step, start, end
         self.stats = {"saves": 0, "blocked": 0, "blocked_s": 0.0, "handoff_s": 0.0}
+        self._store: Store | None = None
+        self._reader: Reader | None = None
         self._closed = False
 
     def _attach(self, store, checkpointer_kwargs, retry, actor_options):
@@ -603,7 +260,7 @@ class AsyncCheckpointer:
         self._collect(keep=0)
 
     def close(self, terminate: bool = True) -> None:
-        """flush, compact the tail of the branch, and (``terminate``) let the actor exit."""
+        """flush (every save is then committed) and (``terminate``) let the actor exit."""
         if self._closed:
             return
         self.flush()
@@ -683,19 +340,32 @@ class AsyncCheckpointer:
             raise _cause(exc) from None
 
     # -- reading --------------------------------------------------------------------------------
-    def _store(self) -> Store:
-        return (self.store_factory or open_store)(self.uri)
+    @property
+    def store(self) -> Store:
+        """The store, opened in this process (for reading: the actor writes through its own)."""
+        if self._store is None:
+            self._store = (self.store_factory or open_store)(self.uri)
+        return self._store
+
+    @property
+    def reader(self) -> Reader:
+        """A Reader of the run in this process (it caches blobs; see :meth:`restore`)."""
+        if self._reader is None:
+            self._reader = Reader(self.store, self.run)
+        return self._reader
 
     def restore(self, step: int | None = None, branch: str | None = None) -> dict:
         """flush, then restore from the store in this process (see :meth:`Checkpointer.restore`)."""
         self.flush()
-        return Reader(self._store(), self.run).restore(branch or self.branch, step)
+        b = branch or self.branch
+        self.reader.lineage(b, refresh=True)  # the branch has moved on since the Reader last looked
+        return self.reader.restore(b, step)
 
     def log(self, branch: str | None = None) -> list[dict]:
-        """flush, then every committed checkpoint of the branch, oldest first."""
+        """flush, then every committed checkpoint of the branch, oldest first (a forked branch
+        starts with its fork point, kind "fork"), as :meth:`Checkpointer.log` gives them."""
         self.flush()
-        entries = RunIndex(self._store(), self.run).entries(branch or self.branch, refresh=True)
-        return [log_record(e) for e in entries.values()]
+        return branch_log(Lineage(self.store, self.run, branch or self.branch))
 
     def head(self) -> dict | None:
         self.flush()
@@ -717,7 +387,6 @@ __all__ = [
     "AsyncCheckpointer",
     "CheckpointActor",
     "CheckpointActorError",
-    "BackgroundCompactor",
     "CheckpointService",
     "RetryPolicy",
     "SaveSkippedError",

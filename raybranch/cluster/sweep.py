@@ -43,7 +43,8 @@ from ..config import SweepConfig
 from ..errors import RaybranchError
 from ..store.store import open_store
 from ..train.loop import checkpoint_state
-from .train import experiment_config, ray_storage
+from .pointers import ray_storage
+from .train import experiment_config
 
 RESULT_FILES = ("results.csv", "results.md", "ratio_vs_accuracy.png")
 CSV_COLUMNS = ("split", "rank", "bits", "snapshot_every", "mechanism", "compression_ratio", "space_savings",
@@ -120,7 +121,7 @@ def sweep_trial(config: dict) -> None:
     ts_bytes = torch_save_bytes(template)
     if store.list(run, recursive=True):  # a trial restarted by Tune: start its run again
         for info in store.list(run, recursive=True):
-            store.delete(info.path[len(store.root) + 1:])
+            store.delete(info.rel)
     ck = Checkpointer(store, run, "main", bits=cfg.bits, granularity=cfg.granularity, snapshot_every=cfg.snapshot_every,
                       segment_size=cfg.segment_size, save_rng=False)
     model = copy.deepcopy(template)

@@ -14,14 +14,16 @@ Per mechanism (see :mod:`raybranch.branches.experiment` for what the experiment 
    restores the branch head from the store and trains the branch's slices not yet ended;
 3. at each slice end it calls ``ray.train.report(metrics, checkpoint=...)`` with a checkpoint
    directory holding one small JSON (:data:`RAY_CHECKPOINT_FILE`) that names the raybranch
-   checkpoint — store URI, run, branch, step — so every Ray checkpoint resolves to a raybranch
-   manifest (:func:`resolve_ray_checkpoint`, :func:`restore_ray_checkpoint`);
+   checkpoint — store URI, run, branch, step — so every Ray checkpoint resolves to a committed
+   raybranch checkpoint (:mod:`.pointers`: :func:`resolve_ray_checkpoint`, :func:`restore_ray_checkpoint`);
 4. driver: per-slice accuracies of the slice-end checkpoints restored from the store, quarantine
    (instant recovery, replay, oracle) and the report, as the single-process experiment does.
 
 Resume. A worker restarted by ``FailureConfig`` finds the branch's last committed checkpoint (the
 store is the truth; a save in flight when the worker died is not committed and does not exist)
-and the slices already ended (``slice-end:<k>`` tags). It restores model and optimizer from that
+and the slices already ended (``slice-end:<k>`` tags). Its checkpointer registers as the
+branch's writer (a new epoch), so a writer of the failed attempt that is not quite dead yet is
+refused from then on (:class:`~raybranch.errors.FencedError`) instead of interleaving. It restores model and optimizer from that
 head and goes on: slices ended are skipped; a slice cut short is trained again from its first
 epoch, starting from the head's weights, with step ids continuing after the head — so the
 branch's chain keeps consecutive steps, no gap, no duplicate. (Restarting the slice, not the
@@ -36,7 +38,8 @@ Checkpointer in the worker (``RayJobConfig.checkpointer``): ``sync`` — a plain
 :class:`~raybranch.Checkpointer` encoding on the training thread (the default); ``async`` — the
 branch's :class:`~raybranch.cluster.actor.AsyncCheckpointer` (checkpoint actor). Measured with
 ``python -m raybranch.bench.branches_parallel --quick --checkpointer sync|async`` on this 2-CPU
-machine (shared, load 3–6): main + clean at once took 25.3 s with ``sync`` and 29.0 s with
+machine (shared, load 3–6; store format v1, with the actor compacting in a background thread):
+main + clean at once took 25.3 s with ``sync`` and 29.0 s with
 ``async`` (one after the other: 37.4 s and 41.0 s). With both CPUs busy training, the actors'
 encoding competes for the same two cores, so on CPU-only nodes ``sync`` is as fast or faster;
 ``async`` is for GPU workers, whose step leaves the CPU idle.
@@ -56,7 +59,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import pyarrow.fs as pafs
 import ray
 import torch
 
@@ -71,77 +73,31 @@ from ..branches.experiment import (
 )
 from ..branches.slices import BRANCH_POINT_TAG, slice_ends
 from ..checkpoint.checkpointer import Checkpointer
-from ..checkpoint.manifest import RunIndex
-from ..checkpoint.restore import Reader
 from ..config import RayJobConfig
 from ..errors import RaybranchError
+from ..ledger.lineage import Lineage
 from ..lora import merge_and_reinit_
 from ..models import build_model
 from ..store.store import Store, open_store
 from ..train.loop import checkpoint_state, load_checkpoint
-
-RAY_CHECKPOINT_FILE = "raybranch.json"
-RAY_CHECKPOINT_FORMAT = "raybranch-ray-checkpoint/1"
-RAY_DIR = "_ray"
+from .pointers import (
+    RAY_CHECKPOINT_FILE,
+    RAY_CHECKPOINT_FORMAT,
+    RAY_DIR,
+    ray_storage,
+    resolve_ray_checkpoint,
+    restore_ray_checkpoint,
+    write_ray_checkpoint,
+)
 
 
 class BranchTrainingError(RaybranchError):
     """A branch's Ray Train run failed for good (its FailureConfig budget spent)."""
 
 
-# -- Ray storage inside the store ----------------------------------------------------------------
 def cluster_has_gpu() -> bool:
     """Whether the Ray cluster offers any GPU (decides ``ScalingConfig(use_gpu=...)``)."""
     return float(ray.cluster_resources().get("GPU", 0)) > 0
-
-
-def ray_storage(store: Store, run: str) -> tuple[str, pafs.FileSystem | None]:
-    """(storage_path, storage_filesystem) for a run's Ray Train results: ``<store>/<run>/_ray``.
-
-    For S3 the filesystem is the store's, minus any credentials (pyarrow pickles explicit keys
-    into the object that Ray ships to its controller): each Ray process takes them from its own
-    environment, as the checkpoint actor does.
-    """
-    path = f"{store.root}/{run}/{RAY_DIR}"
-    if store.loc.is_local:
-        return path, None
-    fs = store.fs
-    if isinstance(fs, pafs.S3FileSystem):
-        rebuild, (kwargs,) = fs.__reduce__()
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("access_key", "secret_key", "session_token")}
-        fs = rebuild(kwargs)
-    return path, fs
-
-
-def write_ray_checkpoint(directory: str, store_uri: str, run: str, branch: str, step: int, slice_id: int | None = None) -> str:
-    """Write the JSON that makes ``directory`` a Ray checkpoint naming raybranch checkpoint
-    ``run/branch/step`` of ``store_uri``; returns its path."""
-    doc = {"format": RAY_CHECKPOINT_FORMAT, "store": store_uri, "run": run, "branch": branch, "step": int(step),
-           "id": f"{run}/{branch}/{int(step)}", "slice": slice_id}
-    path = os.path.join(directory, RAY_CHECKPOINT_FILE)
-    with open(path, "w") as f:
-        json.dump(doc, f)
-    return path
-
-
-def resolve_ray_checkpoint(checkpoint: "ray.train.Checkpoint") -> dict:
-    """The raybranch checkpoint a Ray checkpoint names: {"store", "run", "branch", "step", "id", "slice"}."""
-    with checkpoint.as_directory() as d:
-        path = os.path.join(d, RAY_CHECKPOINT_FILE)
-        if not os.path.exists(path):
-            raise RaybranchError(f"Ray checkpoint {checkpoint.path} holds no {RAY_CHECKPOINT_FILE}: not written by raybranch")
-        with open(path) as f:
-            doc = json.load(f)
-    if doc.get("format") != RAY_CHECKPOINT_FORMAT:
-        raise RaybranchError(f"Ray checkpoint {checkpoint.path} has format {doc.get('format')!r}, expected {RAY_CHECKPOINT_FORMAT!r}")
-    return doc
-
-
-def restore_ray_checkpoint(checkpoint: "ray.train.Checkpoint", store: Store | None = None) -> dict:
-    """Restore the raybranch checkpoint a Ray checkpoint names (see :meth:`Checkpointer.restore`)."""
-    doc = resolve_ray_checkpoint(checkpoint)
-    store = store or open_store(doc["store"])
-    return Reader(store, doc["run"]).restore(doc["branch"], doc["step"])
 
 
 # -- the worker -----------------------------------------------------------------------------------
@@ -197,8 +153,7 @@ def branch_train_loop(c: dict) -> dict:
             for k, v in state.items():
                 if torch.is_tensor(v):
                     state[k] = v.to(dev)
-        index = ck.index if isinstance(ck, Checkpointer) else RunIndex(open_store(c["store"]), c["run"])
-        ends = slice_ends(index, c["branch"])
+        ends = slice_ends(Lineage(ck.store, c["run"], c["branch"]))
         step = int(head["step"])
         done = [k for k in c["slices"] if k in ends]
         todo = [k for k in c["slices"] if k not in ends]
@@ -209,18 +164,16 @@ def branch_train_loop(c: dict) -> dict:
         for k in todo:
             res = exp.train(model, opt, k, ck, step, c["merge"], end_snapshot=c["end_snapshot"])
             step = res.last_step
-            if hasattr(ck, "flush") and not isinstance(ck, Checkpointer):
-                ck.flush()  # the slice end is committed before Ray records it
+            ck.flush()  # the slice end is committed before Ray records it
             metrics = {"slice": k, "step": step, "acc_live": exp.acc(model), "resumed": resumed,
                        "summary": json.dumps(_slice_summary(res))}
             with tempfile.TemporaryDirectory(prefix="raybranch-ray-ckpt-") as d:
                 write_ray_checkpoint(d, c["store"], c["run"], c["branch"], step, k)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ck.close()
         if isinstance(ck, Checkpointer):
-            ck.close()
             timings = dict(ck.timings)
         else:
-            ck.close()
             timings = {"handoff_s": ck.stats["handoff_s"], "blocked_s": ck.stats["blocked_s"]}
         ck = None
         return {"branch": c["branch"], "step": step, "acc_live": exp.acc(model), "timings": timings,
@@ -386,7 +339,7 @@ class RayExperiment(Experiment):
             reps = reported(res)
             summaries = {m["slice"]: json.loads(m["summary"]) for _, m in reps}
             ck = Checkpointer(self.store, run, b, **ck_kwargs)
-            ends = slice_ends(ck.index, b)
+            ends = slice_ends(Lineage(self.store, run, b))
             per_slice, results = [], []
             for k in range(1, n + 1):
                 if k in slices:

@@ -97,3 +97,22 @@ def write_top(store: Store, log: BranchLog) -> None:
     doc = seal({"format": TOP_FORMAT, "run": log.run, "branch_id": log.bid, "pages": [rows[k] for k in sorted(rows)],
                 "time": round(time.time(), 3)})
     store.write_bytes(rel, encode_json(rel, doc))
+
+
+def replace_page(store: Store, log: BranchLog, old: dict, steps: list[dict]) -> dict:
+    """A new generation of a sealed page holding ``steps`` (resolved entries, their parts
+    already written): created only if absent, listed in top.json, then the old generation goes.
+    The commit headers (seqs, checksums, epochs) are kept, so the chain still verifies."""
+    run, bid, a, b = log.run, log.bid, old["first_seq"], old["last_seq"]
+    gen = old["gen"] + 1
+    blobs = {p["blob"][0]: p["blob"][1] for e in steps for p in e["parts"]}
+    doc = seal({"format": PAGE_FORMAT, "run": run, "branch_id": bid, "first_seq": a, "last_seq": b, "gen": gen,
+                "commits": old["commits"], "steps": steps, "bytes": sum(blobs.values()), "time": round(time.time(), 3)})
+    rel = page_key(run, bid, a, b, gen)
+    if not store.create(rel, encode_json(rel, doc)):
+        doc = unseal(store.read_json(rel), rel, PAGE_FORMAT)
+    log._pages[(a, b)] = doc
+    log.pages = sorted([p for p in log.pages if p.first_seq != a] + [page_info(doc)], key=lambda p: p.first_seq)
+    write_top(store, log)
+    store.delete(page_key(run, bid, a, b, old["gen"]))
+    return doc

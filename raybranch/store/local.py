@@ -139,6 +139,16 @@ class LocalBackend:
         except OSError as exc:
             raise StoreError(f"cannot delete {rel}: {one_line(exc)}") from None
 
+    def prune(self, rel_dir: str) -> None:
+        """Remove empty directories under and including ``rel_dir`` (never the root)."""
+        top = self._p(rel_dir)
+        for d, _, _ in sorted(os.walk(top), key=lambda x: -len(x[0])):
+            if d != self.root:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+
     def stat(self, rel: str) -> ObjInfo | None:
         self.stats.add("head")
         try:

@@ -132,6 +132,9 @@ class S3Backend:
             if _code(exc) not in ("NoSuchKey", "404"):
                 raise StoreError(f"cannot delete {rel}: {one_line(exc)}") from None
 
+    def prune(self, rel_dir: str) -> None:
+        """S3 has no directories."""
+
     def stat(self, rel: str) -> ObjInfo | None:
         try:
             r, _ = self._call("head", f"stat {rel}", self.client.head_object, Bucket=self.bucket, Key=self._key(rel))

@@ -104,6 +104,10 @@ class Store:
     def delete(self, rel: str) -> None:
         self.backend.delete(rel)
 
+    def prune(self, rel_dir: str) -> None:
+        """Drop empty directories left under ``rel_dir`` by deletes (local disk only)."""
+        self.backend.prune(rel_dir)
+
     def total_bytes(self, rel_dir: str = "") -> int:
         """Every byte under a directory."""
         return sum(i.size for i in self.list(rel_dir, recursive=True))

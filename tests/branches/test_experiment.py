@@ -15,9 +15,9 @@ from raybranch.branches.experiment import (
     run_experiment,
 )
 from raybranch.branches.slices import lineage, slice_ends, step_before_slice
-from raybranch.checkpoint.manifest import RunIndex
 from raybranch.cli.main import main as cli_main
 from raybranch.errors import NotFoundError, RaybranchError
+from raybranch.ledger import Lineage
 from raybranch.train.loop import train_slice
 
 torch.set_num_threads(1)
@@ -69,44 +69,49 @@ def branched(tmp_path):
 
 def test_slice_ends_are_tagged_checkpoints_on_each_lineage(branched):
     _, store, main, clean = branched
-    index = RunIndex(store, "r")
-    ends = slice_ends(index, "main")
+    ends = slice_ends(Lineage(store, "r", "main"))
     assert sorted(ends) == [1, 2, 3, 4]
     assert ends == {k: 5 * k for k in range(1, 5)}  # 4 steps + 1 settle checkpoint per slice
-    assert sorted(slice_ends(index, "clean")) == [1, 2, 4]
+    assert sorted(slice_ends(Lineage(store, "r", "clean"))) == [1, 2, 4]
     # clean's lineage: main's branch point (shared, not copied), then its own checkpoints
-    hist = lineage(index, "clean")
+    lin = Lineage(store, "r", "clean")
+    hist = lineage(lin)
     assert hist[0]["branch"] == "main" and hist[0]["step"] == 0
-    assert all(e["branch"] == "clean" for e in hist[1:])
+    assert hist[0]["branch_id"] == Lineage(store, "r", "main").entry(0)["branch_id"] != lin.log.bid
+    assert all(e["branch"] == "clean" and e["branch_id"] == lin.log.bid for e in hist[1:])
+    assert [e["step"] for e in lin.log.all_entries()] == [e["step"] for e in hist[1:]]  # the fork point is not copied
+    assert lin.fork["step"] == 0 and lin.fork["branch"] == "main"
 
 
 def test_restore_before_slice_k_is_the_end_of_slice_k_minus_1(branched, tmp_path):
     uri, store, main, clean = branched
-    index = RunIndex(store, "r")
+    lm, lc = Lineage(store, "r", "main"), Lineage(store, "r", "clean")
     log = {r["step"]: r for r in main.log()}
     for k in (2, 3, 4):
-        step = step_before_slice(index, "main", k)
+        step = step_before_slice(lm, k)
         assert f"slice-end:{k - 1}" in log[step]["tags"]
-        before, end = main.restore(step)["model"], main.restore(slice_ends(index, "main")[k - 1])["model"]
+        before, end = main.restore(step)["model"], main.restore(slice_ends(lm)[k - 1])["model"]
         for name in before:
             assert torch.equal(before[name], end[name])
-    assert step_before_slice(index, "main", 1) == 0  # the branch point
+    assert step_before_slice(lm, 1) == 0  # the branch point
     # clean skipped slice 3: before slice 4 it was at the end of slice 2
-    assert step_before_slice(index, "clean", 4) == slice_ends(index, "clean")[2]
-    assert step_before_slice(index, "clean", 3) == slice_ends(index, "clean")[2]
-    assert step_before_slice(index, "clean", 1) == 0
+    assert step_before_slice(lc, 4) == slice_ends(lc)[2]
+    assert step_before_slice(lc, 3) == slice_ends(lc)[2]
+    assert step_before_slice(lc, 1) == 0
     with pytest.raises(NotFoundError, match="no end of slice 5"):
-        step_before_slice(index, "main", 6)
+        step_before_slice(lm, 6)
     with pytest.raises(RaybranchError, match="K ≥ 1"):
-        step_before_slice(index, "main", 0)
+        step_before_slice(lm, 0)
     with pytest.raises(NotFoundError, match="no branch 'nope'"):
-        step_before_slice(index, "nope", 2)
+        step_before_slice(Lineage(store, "r", "nope"), 2)  # naming the run's branches
+    with pytest.raises(NotFoundError, match=r"branches: clean, main"):
+        Lineage(store, "r", "nope")
 
     # the CLI: `raybranch restore --before-slice 3` restores main at the end of slice 2
     out = tmp_path / "before3.pt"
     assert cli_main(["restore", "--store", uri, "--run", "r", "--branch", "main", "--before-slice", "3", "--output", str(out)]) == 0
     got = torch.load(out, weights_only=True)
-    want = main.restore(slice_ends(index, "main")[2])["model"]
+    want = main.restore(slice_ends(lm)[2])["model"]
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -136,7 +141,7 @@ def test_poisoned_slice_raises_asr_on_main_and_quarantine_removes_it(tmp_path):
     assert rec["asr_instant"] == clean_asr
     assert abs(rec["acc_replay"] - rec["acc_oracle"]) <= 0.02
     assert rec["acc_replay"] >= 0.85
-    assert rec["replay_from_step"] == step_before_slice(RunIndex(rb.open_store((tmp_path / "store").as_uri()), "t-lc"), "main", 3)
+    assert rec["replay_from_step"] == step_before_slice(Lineage(rb.open_store((tmp_path / "store").as_uri()), "t-lc", "main"), 3)
     # every checkpoint counted once: the per-branch figures add up to the run's
     t = lc["run_total"]
     assert sum(v["bytes_stored"] for v in br.values()) + t["shared_bytes"] == t["bytes_stored"]

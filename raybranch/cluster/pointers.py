@@ -1,0 +1,75 @@
+"""Ray Train's files inside the store, and Ray checkpoints that point at raybranch checkpoints.
+
+A branch's Ray Train run keeps its bookkeeping (reported checkpoints, metrics) under
+``<store>/<run>/_ray/<branch>/`` (:func:`ray_storage`). The checkpoint it reports at a slice end
+is a directory holding one small JSON, :data:`RAY_CHECKPOINT_FILE`, that names the raybranch
+checkpoint — store URI, run, branch, step — not a copy of the model: :func:`resolve_ray_checkpoint`
+reads the pointer, :func:`restore_ray_checkpoint` restores what it names from the store.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.fs as pafs
+
+from ..checkpoint.restore import Reader
+from ..errors import RaybranchError
+from ..store.store import Store, open_store
+
+RAY_CHECKPOINT_FILE = "raybranch.json"
+RAY_CHECKPOINT_FORMAT = "raybranch-ray-checkpoint/1"
+RAY_DIR = "_ray"
+
+
+def ray_storage(store: Store, run: str) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for a run's Ray Train results: ``<store>/<run>/_ray``.
+
+    For S3 the filesystem is the store's, minus any credentials (pyarrow pickles explicit keys
+    into the object that Ray ships to its controller): each Ray process takes them from its own
+    environment, as the checkpoint actor does.
+    """
+    path = f"{store.root}/{run}/{RAY_DIR}"
+    if store.loc.is_local:
+        return path, None
+    fs = store.fs
+    if isinstance(fs, pafs.S3FileSystem):
+        rebuild, (kwargs,) = fs.__reduce__()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("access_key", "secret_key", "session_token")}
+        fs = rebuild(kwargs)
+    return path, fs
+
+
+def write_ray_checkpoint(directory: str, store_uri: str, run: str, branch: str, step: int, slice_id: int | None = None) -> str:
+    """Write the JSON that makes ``directory`` a Ray checkpoint naming raybranch checkpoint
+    ``run/branch/step`` of ``store_uri``; returns its path."""
+    doc = {"format": RAY_CHECKPOINT_FORMAT, "store": store_uri, "run": run, "branch": branch, "step": int(step),
+           "id": f"{run}/{branch}/{int(step)}", "slice": slice_id}
+    path = os.path.join(directory, RAY_CHECKPOINT_FILE)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return path
+
+
+def resolve_ray_checkpoint(checkpoint) -> dict:
+    """The raybranch checkpoint a ``ray.train.Checkpoint`` names: {"store", "run", "branch", "step", "id", "slice"}."""
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, RAY_CHECKPOINT_FILE)
+        if not os.path.exists(path):
+            raise RaybranchError(f"Ray checkpoint {checkpoint.path} holds no {RAY_CHECKPOINT_FILE}: not written by raybranch")
+        with open(path) as f:
+            doc = json.load(f)
+    if doc.get("format") != RAY_CHECKPOINT_FORMAT:
+        raise RaybranchError(f"Ray checkpoint {checkpoint.path} has format {doc.get('format')!r}, expected {RAY_CHECKPOINT_FORMAT!r}")
+    return doc
+
+
+def restore_ray_checkpoint(checkpoint, store: Store | None = None) -> dict:
+    """Restore the raybranch checkpoint a Ray checkpoint names (see :meth:`Checkpointer.restore`)."""
+    doc = resolve_ray_checkpoint(checkpoint)
+    store = store or open_store(doc["store"])
+    return Reader(store, doc["run"]).restore(doc["branch"], doc["step"])
+
+
+__all__ = ["RAY_CHECKPOINT_FILE", "RAY_CHECKPOINT_FORMAT", "RAY_DIR", "ray_storage", "resolve_ray_checkpoint",
+           "restore_ray_checkpoint", "write_ray_checkpoint"]
