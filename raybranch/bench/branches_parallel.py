@@ -41,6 +41,7 @@ def measure(cfg, job, store_uri: str, branches: str = "experiment", order: tuple
     """{mode: wall seconds, ..., "speedup": …, per-branch fit seconds} (see the module docstring)."""
     from ..branches.experiment import prepare_data
     from ..cluster.train import RayExperiment, fit_branches
+    from ..ledger.lineage import Lineage
 
     exp = RayExperiment(cfg, store_uri, job)
     exp.data = prepare_data(cfg)
@@ -55,18 +56,12 @@ def measure(cfg, job, store_uri: str, branches: str = "experiment", order: tuple
         t0 = time.perf_counter()
         fits = fit_branches(configs, exp.store, job, parallel=mode == "parallel")
         wall = time.perf_counter() - t0
-        steps = {b: max(_steps(exp.store, run, b)) for b in plan}
+        steps = {b: Lineage(exp.store, run, b).head_step for b in plan}
         out[mode] = {"wall_s": wall, "fit_s": {b: f["seconds"] for b, f in fits.items()}, "head_step": steps}
         log(f"{mode:10s} {wall:7.1f} s   (fit: " + ", ".join(f"{b} {f['seconds']:.1f} s" for b, f in fits.items()) + f"; head steps {steps})")
     out["speedup"] = out["sequential"]["wall_s"] / out["parallel"]["wall_s"]
     log(f"speed-up   {out['speedup']:.2f}×  (target ≥ 1.7×; {branches} branches, {job.checkpointer} checkpointer)")
     return out
-
-
-def _steps(store, run: str, branch: str) -> list[int]:
-    from ..checkpoint.manifest import RunIndex
-
-    return list(RunIndex(store, run).entries(branch, refresh=True))
 
 
 def main(argv: list[str] | None = None) -> int:

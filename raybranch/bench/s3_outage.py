@@ -12,11 +12,18 @@ branch's checkpoint actor through :class:`~raybranch.cluster.actor.AsyncCheckpoi
 (``pause()``: SIGKILL, as a crash) and restarts it ``outage_s`` seconds later on the same ports and
 data (``resume()``, which blocks until S3 answers again).
 
+Two layers retry: the S3 back end retries each request with backoff for up to
+``--retry-deadline`` seconds (the URI's ``retry_deadline``; default 60 s, longer than the outage,
+so a request simply waits it out), then the actor retries the whole save, rebuilding its
+Checkpointer from the store (a new writer epoch each time). A deadline shorter than the outage
+(e.g. ``--retry-deadline 2``) exercises the actor's retries.
+
 Checked afterwards, and printed:
 
 * every save the actor had reported committed before the outage is still in the store;
 * the branch holds every step 0…steps−1, once (nothing lost or skipped during the outage);
-* ``verify_run`` finds no problem (checksums of every manifest, layout and blob);
+* ``verify_store`` finds no problem (every commit chain, page and document checksum, every
+  layout and blob);
 * the head restores (printed: its largest weight error against the live model, which is the
   LC codec's, and both test accuracies).
 
@@ -36,15 +43,16 @@ import time
 
 
 def run(steps: int = 400, outage_at: int = 120, outage_s: float = 10.0, max_pending: int = 4,
-        attempts: int = 12, base_s: float = 0.2, cap_s: float = 2.0, seed: int = 0, log=print) -> dict:
+        attempts: int = 12, base_s: float = 0.2, cap_s: float = 2.0, seed: int = 0,
+        retry_deadline: float | None = None, log=print) -> dict:
     import ray
     import torch
     import torch.nn.functional as F
 
-    from ..checkpoint.manifest import RunIndex
-    from ..checkpoint.verify import verify_run
     from ..cluster.actor import AsyncCheckpointer, RetryPolicy
     from ..data import load_dataset
+    from ..ledger.lineage import Lineage
+    from ..ledger.verify import verify_store
     from ..models import build_model
     from ..store.store import open_store
     from ..testing.seaweed import SeaweedServer
@@ -61,6 +69,8 @@ def run(steps: int = 400, outage_at: int = 120, outage_s: float = 10.0, max_pend
             os.environ.pop(k, None)
         bucket = server.make_bucket("outage")
         uri = server.store_uri(bucket, "runs")
+        if retry_deadline is not None:
+            uri += f"&retry_deadline={retry_deadline:g}"
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             started_ray = True
@@ -104,10 +114,11 @@ def run(steps: int = 400, outage_at: int = 120, outage_s: float = 10.0, max_pend
         ck.close()
 
         store = open_store(uri)
-        entries = RunIndex(store, "outage").entries("main", refresh=True)
-        have = sorted(entries)
-        lost = [s for s in (committed_before or []) if s not in entries]
-        problems, checked = verify_run(store, "outage")
+        entries = [e["step"] for e in Lineage(store, "outage", "main").all_entries()]
+        have = sorted(set(entries))
+        lost = [s for s in (committed_before or []) if s not in have]
+        rep = verify_store(store, "outage")
+        problems, checked = rep.problems, rep.counts["steps"]
         restored = ck.restore()
         live = {k: v.detach() for k, v in model.state_dict().items()}
         max_err = max(float((restored["model"][k].float() - v.float()).abs().max()) for k, v in live.items())
@@ -124,20 +135,22 @@ def run(steps: int = 400, outage_at: int = 120, outage_s: float = 10.0, max_pend
             "committed_before_outage": len(committed_before or []),
             "committed_before_outage_lost": lost,
             "steps_in_store": len(have),
-            "every_step_once": have == list(range(steps)),
+            "every_step_once": entries == list(range(steps)),
             "verify_problems": problems, "verify_checked": checked,
             "restore_max_abs_err": max_err, "acc_live": acc_live, "acc_restored": acc_restored,
-            "actor": {k: stats.get(k) for k in ("saves", "retries", "found_committed", "failed", "skipped")},
+            "actor": {k: stats.get(k) for k in ("saves", "retries", "found_committed", "failed", "skipped", "writers")},
+            "retry_deadline_s": retry_deadline,
             "blocked_s": ck.stats["blocked_s"], "blocked": ck.stats["blocked"],
             "retry_policy": {"attempts": attempts, "base_s": base_s, "cap_s": cap_s}, "max_pending": max_pending,
-            "ok": not lost and have == list(range(steps)) and not problems,
+            "ok": not lost and entries == list(range(steps)) and not problems,
         }
         log(f"S3 down for {out['s3_down_s']:.1f} s (killed after step {outage_at}, restarted {outage_s:.0f} s later; "
             f"restart took {events['up_at'] - events['restart_at']:.1f} s)")
         log(f"training: {steps} steps in {train_s:.1f} s; longest step {out['longest_step_s']:.1f} s "
             f"(blocked on backpressure {out['blocked_s']:.1f} s in {out['blocked']} saves), median {1000 * out['median_step_s']:.1f} ms")
         log(f"actor: {out['actor']['saves']} saves, {out['actor']['retries']} retries, "
-            f"{out['actor']['found_committed']} found already committed, {out['actor']['failed']} failed")
+            f"{out['actor']['found_committed']} found already committed, {out['actor']['failed']} failed, "
+            f"{out['actor']['writers']} writer registration(s)")
         log(f"committed before the outage: {out['committed_before_outage']}, lost: {len(lost)}; "
             f"store holds steps 0..{have[-1] if have else '-'} ({len(have)}), every step once: {out['every_step_once']}")
         log(f"verify: {checked} checkpoints, {len(problems)} problem(s); head restores within {max_err:.2e} of the live "
@@ -157,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outage-at", type=int, default=120, help="kill S3 after this step")
     p.add_argument("--outage-s", type=float, default=10.0, help="seconds S3 stays down before it is restarted")
     p.add_argument("--max-pending", type=int, default=4)
+    p.add_argument("--retry-deadline", type=float, default=None,
+                   help="seconds the S3 back end retries one request (default: the URI's, 60)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if not 0 <= args.outage_at < args.steps - 1:
         print("s3_outage: error: --outage-at must lie in [0, steps - 1)", file=sys.stderr)
         return 2
-    out = run(args.steps, args.outage_at, args.outage_s, args.max_pending, log=(lambda m: None) if args.json else print)
+    out = run(args.steps, args.outage_at, args.outage_s, args.max_pending, retry_deadline=args.retry_deadline,
+              log=(lambda m: None) if args.json else print)
     if args.json:
         json.dump(out, sys.stdout, indent=1)
         print()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import warnings
 
 import torch
 
@@ -102,11 +103,15 @@ class Checkpointer:
         step does not come after the branch's head. A newer writer of the branch makes this raise
         :class:`~raybranch.errors.FencedError`.
         """
-        self._load_head()
         step = int(step)
+        tensors, meta = self._collect(model, optimizer, extra)
+        if not self._loaded:  # becoming the writer writes (the branch, or a fence commit): refuse NaN/Inf before that
+            for n, t in tensors.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(f"tensor {n!r} holds NaN or Inf at step {step}; nothing was saved")
+        self._load_head()
         if self._head is not None and step <= self._head["step"]:
             raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._head['step']})")
-        tensors, meta = self._collect(model, optimizer, extra)
         layout, groups, exact_names = self._layout(tensors, _buffer_names(model))
         flats = {g: torch.cat([tensors[n].reshape(-1).float() for n in names]) for g, names in groups.items()}
         for n in exact_names:
@@ -239,6 +244,7 @@ class Checkpointer:
         t1 = time.perf_counter()
         writer = self._writer
         steps = [e["step"] for e, _ in group]
+        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
         try:
             rows = [r for _, rs in group for r in rs]
             blob = write_blob(rows, {"run": self.run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]]})
@@ -248,8 +254,12 @@ class Checkpointer:
                           slices=sorted({k for e, _ in group for k in e["slices"]}))
         except RaybranchError as exc:
             self._loaded, self._writer, self._head = False, None, None
-            lost = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
-            raise type(exc)(f"{lost} of branch {self.branch!r} not committed: {exc}") from None
+            raise type(exc)(f"{span} of branch {self.branch!r} not committed: {exc}") from None
+        try:  # the commit stands; a seal cut short (store error) is finished by the next commit
+            self.sealer.seal_due(writer)
+        except RaybranchError as exc:
+            warnings.warn(f"branch {self.branch!r}: {span} committed, but sealing "
+                          f"(compaction) of a full page failed; the next commit retries it: {exc}", stacklevel=3)
         self.timings["compact_s"] += self.sealer.seconds - seal_s
         self.timings["write_s"] += time.perf_counter() - t1 - (self.sealer.seconds - seal_s)
 
@@ -331,7 +341,6 @@ class Checkpointer:
                 ref = read_branch_ref(self.store, self.run, self.branch)
         if self._writer is None:
             self._writer = BranchWriter.register(BranchLog(self.store, self.run, ref.doc["branch_id"], self.branch))
-        self._writer.sealer = self.sealer
         lin = Lineage(self.store, self.run, log=self._writer.log)
         if lin.head_step is not None:
             acc, exact, layout, last = self.reader.recon(lin, lin.head_step)

@@ -178,7 +178,7 @@ class Reader:
 
     def restore(self, branch: str, step: int | None = None) -> dict:
         try:
-            return self._restore(self.lineage(branch), step)
+            return self._restore(self.lineage(branch, refresh=step is None), step)  # latest: the head as it is now
         except NotFoundError:
             # the branch moved on (new commits, or pages sealed and their commit records gone): look once more
             return self._restore(self.lineage(branch, refresh=True), step)

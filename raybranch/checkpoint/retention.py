@@ -4,10 +4,11 @@ A branch's policy lives in its ref (``{"keep_steps": N, "keep_days": D}``, eithe
 is *recent* if it is among the last N steps or younger than D days). ``raybranch gc`` applies it:
 
 * the cutoff is the newest snapshot at or before the oldest recent step — every lossy step
-  after it decodes from it, so nothing recent loses its chain;
-* each sealed page wholly before the cutoff is rewritten as a new generation
+  after it decodes from it, so nothing at or after it loses its chain;
+* each sealed page holding steps before the cutoff is rewritten as a new generation
   (:func:`raybranch.ledger.pages.replace_page`) holding only its snapshots, its tagged steps and
-  the steps other branches fork from or links point at; a kept lossy step is *materialized*:
+  the steps other branches fork from or links point at (and its steps from the cutoff on, as
+  they are); a kept lossy step before the cutoff is *materialized*:
   its reconstruction ũ_t is stored exactly, as a snapshot, so it restores bit for bit as before;
 * the blobs the old generation named are then unreferenced, and gc frees them after the grace period.
 """
@@ -87,26 +88,30 @@ def _cutoff(entries: list[dict], policy: dict, now: float) -> int | None:
 
 def thin_branch(store: Store, run: str, lin: Lineage, policy: dict, protected: set[int], now: float) -> int:
     log = lin.log
-    cutoff = _cutoff(log.all_entries(), policy, now)
+    entries = log.all_entries()
+    cutoff = _cutoff(entries, policy, now)
     if cutoff is None:
         return 0
     reader = Reader(store, run)
+    pages = [p for p in log.pages if p.first_step is not None and p.first_step < cutoff]
+    # materialize first, while every chain is whole: a rewritten page drops deltas later steps were built on
+    recons = {e["step"]: reader.recon(lin, e["step"])
+              for p in pages for e in log.page(p.first_seq, p.last_seq)["steps"]
+              if e["step"] < cutoff and e["kind"] != "snapshot" and (e["tags"] or e["step"] in protected)}
     dropped = 0
-    for p in list(log.pages):
-        if p.last_step is None or p.last_step >= cutoff:
-            continue
+    for p in pages:
         page = log.page(p.first_seq, p.last_seq)
-        keep = [e for e in page["steps"] if e["kind"] == "snapshot" or e["tags"] or e["step"] in protected]
+        keep = [e for e in page["steps"] if e["step"] >= cutoff or e["kind"] == "snapshot" or e["tags"] or e["step"] in protected]
         if len(keep) == len(page["steps"]):
             continue
         rows: list[Row] = []
         kept = []
         for e in keep:
-            if e["kind"] == "snapshot":
+            if e["kind"] == "snapshot" or e["step"] >= cutoff:  # as they are: their chains start at or after the cutoff
                 rows += reader.blobs.step_rows(e)
                 kept.append(e)
             else:  # materialize ũ_t: it restores exactly as before, without its chain
-                acc, exact, layout, _ = reader.recon(lin, e["step"])
+                acc, exact, _, _ = recons[e["step"]]
                 rows += [Row(e["step"], g, "recon", "float32", (a.size,), encode_exact(a)) for g, a in acc.items()]
                 rows += [Row(e["step"], n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t)))
                          for n, t in exact.items()]

@@ -84,7 +84,14 @@ def collect(store: Store, run: str, grace_s: float = GRACE_S, dry_run: bool = Fa
             if not dry_run:
                 store.prune(branch_dir(run, bid))
             continue
-        _scan_branch(store, run, bid, infos, referenced, layouts, drop)
+        for attempt in range(10):  # a writer sealing a page deletes records under our feet: list again
+            try:
+                _scan_branch(store, run, bid, infos, referenced, layouts, drop)
+                break
+            except NotFoundError:
+                if attempt == 9:
+                    raise
+                infos = store.list(branch_dir(run, bid), recursive=True)
     for info in store.list(f"{run}/blobs"):
         if info.base_name.removesuffix(".arrow") not in referenced:
             drop(info, "blobs")

@@ -62,11 +62,12 @@ def seal_page(store: Store, log: BranchLog, a: int, b: int, rewrite=None) -> dic
     rel = page_key(run, bid, a, b, 0)
     created = store.create(rel, encode_json(rel, doc))
     if not created:  # sealed by another writer first: theirs is the page; our rewrite is garbage
-        if new_parts is not None:
-            for p in new_parts:
-                if p["blob"][0] not in old_blobs:
-                    store.delete(blob_key(run, p["blob"][0]))
         doc = unseal(store.read_json(rel), rel, PAGE_FORMAT)
+        if new_parts is not None:
+            theirs = {p["blob"][0] for e in doc["steps"] for p in e["parts"]}  # a rewrite is deterministic: often the same blob
+            for p in new_parts:
+                if p["blob"][0] not in old_blobs | theirs:
+                    store.delete(blob_key(run, p["blob"][0]))
     log._pages[(a, b)] = doc
     log.pages = [p for p in log.pages if p.first_seq != a] + [page_info(doc)]
     log.sealed_through = max(log.sealed_through, b)

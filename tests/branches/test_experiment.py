@@ -10,6 +10,7 @@ import raybranch as rb
 from raybranch.branches.experiment import (
     BRANCH_KEYS,
     RECOVERY_KEYS,
+    Experiment,
     ExperimentConfig,
     attribute_bytes,
     run_experiment,
@@ -122,6 +123,23 @@ def test_attributed_bytes_add_up_to_the_run(branched):
     assert per["main"]["checkpoints"] == 1 + 16 and per["main"]["settle_checkpoints"] == 4
     assert per["clean"]["checkpoints"] == 12 and per["clean"]["settle_checkpoints"] == 0
     assert 0 <= shared < 4096  # layout documents only
+
+
+def test_restored_head_is_the_branch_head_now(branched):
+    """Experiment.restored(..., None) after more checkpoints gives the new head, not the head its
+    checkpointer's reader saw first (a Reader keeps a branch's Lineage as first opened)."""
+    _, store, main, clean = branched
+    exp = Experiment(ExperimentConfig(), store)
+    head = main.head()["step"]
+    before = exp.restored(Net(), main, None)
+    assert all(torch.equal(v, main.restore(head)["model"][k]) for k, v in before.state_dict().items())
+    moved = Net()
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.fill_(0.25)
+    main.save(head + 1, moved, snapshot=True)  # exact, so the comparison can be exact
+    after = exp.restored(Net(), main, None)
+    assert all(torch.equal(v, moved.state_dict()[k]) for k, v in after.state_dict().items())
 
 
 def test_poisoned_slice_raises_asr_on_main_and_quarantine_removes_it(tmp_path):

@@ -1,5 +1,6 @@
-"""Shared pieces of the checkpoint tests: a tiny model, SGD steps on random data, and a recorder
-that keeps, after every save, what the encoder says the reconstruction is."""
+"""Shared pieces of the checkpoint tests: a tiny model, SGD steps on random data, a recorder that
+keeps, after every save, what the encoder says the reconstruction is, and readers of what a
+branch holds in the store (format v2: commit records, sealed pages)."""
 from __future__ import annotations
 
 import os
@@ -142,3 +143,36 @@ def local_files(root: str) -> dict[str, bytes]:
 def store_files(store) -> dict[str, int]:
     """Every listed object of a store (any backend) with its size."""
     return {i.path[len(store.root) + 1 :]: int(i.size) for i in store.list("", recursive=True)}
+
+
+# -- what a branch holds (format v2) -----------------------------------------------------------
+def branch_id(store, run: str, branch: str = "main") -> str:
+    from raybranch.ledger.refs import live_branch_id
+
+    return live_branch_id(store, run, branch)
+
+
+def sealed_pages(store, run: str, branch: str = "main") -> list[tuple[int, int]]:
+    """(first seq, last seq) of every sealed page of the branch, in order (newest generation)."""
+    from raybranch.ledger.records import pages_dir, parse_page_key
+
+    found = {parse_page_key(i.rel)[:2] for i in store.list(pages_dir(run, branch_id(store, run, branch))) if parse_page_key(i.rel)}
+    return sorted(found)
+
+
+def commit_seqs(store, run: str, branch: str = "main") -> list[int]:
+    """Seqs of the commit records the branch still has (sealed pages' records are deleted)."""
+    from raybranch.ledger.records import commits_dir, seq_of_commit_key
+
+    seqs = (seq_of_commit_key(i.rel) for i in store.list(commits_dir(run, branch_id(store, run, branch)), recursive=True))
+    return sorted(s for s in seqs if s is not None)
+
+
+def committed(store, run: str, branch: str = "main") -> list[tuple[int, list[int]]]:
+    """(commit seq, its steps) of every commit of the branch with steps, read afresh from the store."""
+    from raybranch.ledger.lineage import Lineage
+
+    out: dict[int, list[int]] = {}
+    for e in Lineage(store, run, branch).log.all_entries():
+        out.setdefault(e["seq"], []).append(e["step"])
+    return sorted(out.items())

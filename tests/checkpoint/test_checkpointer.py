@@ -1,5 +1,5 @@
 """Checkpointer end to end on a local store and on a real S3 server: restore = reconstruction
-bit for bit, compaction, log, fork, snapshots, corruption, bad input."""
+bit for bit, sealing and compaction of pages, log, fork, snapshots, corruption, bad input."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,15 @@ import zstandard
 
 import raybranch as rb
 from raybranch.checkpoint.restore import Reader
-from raybranch.cli.main import main as cli_main
-from raybranch.errors import CorruptBlobError, NonFiniteError, NotFoundError, RaybranchError
+from raybranch.errors import ConflictError, CorruptBlobError, NonFiniteError, NotFoundError, RaybranchError
+from raybranch.ledger.lineage import Lineage
+from raybranch.ledger.records import commit_key, layout_key, page_key
+from raybranch.ledger.verify import verify_store
 
-from ckpt_testkit import Recorder, assert_matches_record, local_files, make_model, sgd_step, state_bytes, store_files
+from ckpt_testkit import (
+    Recorder, assert_matches_record, branch_id, commit_seqs, local_files, make_model, sealed_pages, sgd_step, state_bytes,
+    store_files,
+)
 
 BACKENDS = ["file_uri", "s3_uri"]
 
@@ -41,14 +46,27 @@ def blob_names(store, run="exp1") -> set[str]:
     return {i.base_name for i in store.list(f"{run}/blobs")}
 
 
+def referenced_blobs(store, run="exp1", branch="main") -> set[str]:
+    return {p["blob"][0] + ".arrow" for e in Lineage(store, run, branch).all_entries() for p in e["parts"]}
+
+
 # -- restore equals the encoder's reconstruction ----------------------------------------------------
-def test_restore_equals_reconstruction_at_random_steps(uri):
+def test_restore_equals_reconstruction_and_pages_seal(uri):
+    """A new branch is commit 0 (no steps), then one commit per save: after N saves with
+    segment_size S, (N + 1) // S pages are sealed, their steps compacted into one blob each,
+    and the commit records of sealed pages are gone except the newest page's last."""
     store = rb.open_store(uri)
     ckpt = rb.Checkpointer(store, run="exp1", branch="main", bits=3, segment_size=8)
-    _, _, rec = train_and_save(ckpt, 40)
+    model, opt, rec = train_and_save(ckpt, 35)
+    # commits 0..35: pages 0-7, 8-15, 16-23, 24-31 sealed; steps 31..34 (commits 32..35) loose
+    assert sealed_pages(store, "exp1") == [(0, 7), (8, 15), (16, 23), (24, 31)]
+    assert commit_seqs(store, "exp1") == [31, 32, 33, 34, 35]
+    assert [r["compacted"] for r in ckpt.log()] == [True] * 31 + [False] * 4
+    loose = {s: state_bytes(ckpt.restore(s)) for s in (31, 33, 34)}
 
+    train_and_save(ckpt, 5, start=35, model=model, opt=opt, rec=rec)
     rng = np.random.default_rng(3)
-    steps = sorted(set(rng.choice(40, 8, replace=False).tolist()) | {0, 1, 8, 9, 32, 39})
+    steps = sorted(set(rng.choice(40, 8, replace=False).tolist()) | {0, 1, 8, 9, 31, 32, 38, 39})
     before = {}
     for s in steps:
         state = ckpt.restore(s)
@@ -58,28 +76,33 @@ def test_restore_equals_reconstruction_at_random_steps(uri):
         before[s] = state_bytes(state)
     assert ckpt.restore()["step"] == 39  # latest
 
-    # compaction ran: 39 deltas → 4 full segments of 8, 7 loose deltas
     log = ckpt.log()
     assert [r["step"] for r in log] == list(range(40))
     assert [r["kind"] for r in log] == ["snapshot"] + ["delta"] * 39
     assert log[0]["parent"] is None and all(r["parent"] == ["main", r["step"] - 1] for r in log[1:])
     assert [r["depth"] for r in log] == list(range(40))
-    assert [r["compacted"] for r in log] == [False] + [True] * 32 + [False] * 7
+    assert [r["commit"] for r in log] == list(range(1, 41))
+    # 41 commits: 5 full pages sealed and compacted, step 39 (commit 40) loose
+    assert [r["compacted"] for r in log] == [True] * 39 + [False]
     assert all(r["id"] == f"exp1/main/{r['step']}" and r["bytes"] > 0 for r in log)
-    assert len(store.list("exp1/segments/main")) == 4
-    assert len(store.list("exp1/manifests/main")) == 8  # snapshot + 7 loose
+    bid = branch_id(store, "exp1")
+    assert sealed_pages(store, "exp1") == [(0, 7), (8, 15), (16, 23), (24, 31), (32, 39)]
+    assert [i.rel for i in store.list(f"exp1/branches/{bid}/pages")] == [page_key("exp1", bid, a, b, 0) for a, b in sealed_pages(store, "exp1")]
+    assert commit_seqs(store, "exp1") == [39, 40]
+    assert len({r["bytes"] for r in log[:7]}) == 1  # one page, one segment blob
 
-    # tail compaction on close: nothing loose left, restores unchanged byte for byte (fresh reader)
+    # sealing (and close, which has nothing left to seal) changes no restore, byte for byte
     ckpt.close()
-    assert all(r["compacted"] for r in ckpt.log()[1:])
-    assert len(store.list("exp1/manifests/main")) == 1
-    assert len(store.list("exp1/segments/main")) == 5
+    assert sealed_pages(store, "exp1")[-1] == (32, 39) and commit_seqs(store, "exp1") == [39, 40]
     fresh = Reader(rb.open_store(uri), "exp1")
     for s in steps:
         assert state_bytes(fresh.restore("main", s)) == before[s]
-    # every blob in the store is referenced: compaction removed the per-step blobs it replaced
-    referenced = {e["blob"][0] + ".arrow" for e in fresh.index.entries("main", refresh=True).values()}
-    assert blob_names(store) == referenced
+    for s, b in loose.items():
+        assert state_bytes(fresh.restore("main", s)) == b  # restored loose, now compacted
+    # every blob in the store is referenced: sealing removed the per-commit blobs it compacted
+    assert blob_names(store) == referenced_blobs(store) and len(blob_names(store)) == 6
+    rep = verify_store(store, "exp1")
+    assert rep.problems == [] and rep.counts["steps"] == 40 and rep.counts["pages"] == 5
 
 
 @pytest.mark.parametrize(
@@ -94,13 +117,15 @@ def test_restore_equals_reconstruction_at_random_steps(uri):
 def test_restore_equals_reconstruction_codec_options(file_uri, kw):
     kw = {"segment_size": 5, **kw}
     ckpt = rb.Checkpointer(file_uri, run="exp1", **kw)
-    _, _, rec = train_and_save(ckpt, 14, extra=False)
+    _, _, rec = train_and_save(ckpt, 12, extra=False)
     if kw.get("optimizer_codec") == "lc":
         assert "optim" in ckpt._encoders and "model" in ckpt._encoders
     fresh = Reader(rb.open_store(file_uri), "exp1")
-    for s in range(14):
+    for s in range(12):
         assert_matches_record(fresh.restore("main", s), rec, s)
-    assert {r["compacted"] for r in ckpt.log()[1:]} == ({False} if kw["segment_size"] == 0 else {True, False})
+    # commits 0..12: pages 0-4 and 5-9 sealed (steps 0..8); segment_size=0 seals nothing before 64 commits
+    want = [False] * 12 if kw["segment_size"] == 0 else [True] * 9 + [False] * 3
+    assert [r["compacted"] for r in ckpt.log()] == want
 
 
 def test_snapshot_every(uri):
@@ -130,24 +155,36 @@ def test_forced_snapshot_and_layout_change(file_uri):
     assert set(st["model"]) == {"weight", "bias"} and st["optimizer"] is None
 
 
+def test_restore_latest_sees_new_commits(file_uri):
+    ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=3)
+    model, opt, rec = train_and_save(ckpt, 4, extra=False)
+    reader = Reader(rb.open_store(file_uri), "exp1")
+    assert ckpt.restore()["step"] == 3 and reader.restore("main")["step"] == 3
+    train_and_save(ckpt, 4, start=4, model=model, opt=opt, rec=rec, extra=False)
+    assert_matches_record(ckpt.restore(), rec, 7)
+    assert_matches_record(reader.restore("main"), rec, 7)
+
+
 # -- fork ------------------------------------------------------------------------------------
 def test_fork_shares_history(uri):
     store = rb.open_store(uri)
     main = rb.Checkpointer(store, run="exp1", branch="main", segment_size=8)
     model, opt, rec = train_and_save(main, 20, extra=False)
+    assert sealed_pages(store, "exp1") == [(0, 7), (8, 15)]  # step 13 (commit 14) is sealed
 
     blobs_before = blob_names(store)
     files_before = store_files(store)
     alt = main.fork("alt", step=13)
     assert blob_names(store) == blobs_before  # no blob written for the shared part
     new_files = set(store_files(store)) - set(files_before)
-    assert new_files == {"exp1/manifests/alt/000000000013.json"}
+    bid = branch_id(store, "exp1", "alt")
+    assert new_files == {"exp1/refs/branches/alt.json", f"exp1/branches/{bid}/branch.json", commit_key("exp1", bid, 0)}
 
     parent_13 = state_bytes(main.restore(13))
     assert state_bytes(alt.restore(13)) == parent_13
     assert state_bytes(Reader(rb.open_store(uri), "exp1").restore("alt", 13)) == parent_13
     alt_log = alt.log()
-    assert [(r["step"], r["kind"], r["parent"], r["tags"]) for r in alt_log] == [(13, "ref", ["main", 13], ["fork"])]
+    assert [(r["step"], r["kind"], r["parent"], r["tags"]) for r in alt_log] == [(13, "fork", ["main", 13], ["fork"])]
     assert alt.head()["step"] == 13
 
     # the fork trains on differently from the parent's step-13 state
@@ -159,19 +196,29 @@ def test_fork_shares_history(uri):
     assert [r["step"] for r in alt_log] == [13, 14, 15, 16, 17, 18]
     assert alt_log[1]["parent"] == ["alt", 13] and alt_log[1]["kind"] == "delta"
     assert alt_log[1]["depth"] == main.log()[13]["depth"] + 1
-    # the main branch goes on too, unaffected
+    # a fork at a step whose page is not sealed yet; the parent goes on and seals it
+    alt2 = main.fork("alt2", step=17)
+    parent_17 = state_bytes(main.restore(17))
     train_and_save(main, 3, start=20, model=model, opt=opt, rec=rec, extra=False)
+    assert sealed_pages(store, "exp1")[-1] == (16, 23) and commit_seq_gone(store, 18)
     fresh = Reader(rb.open_store(uri), "exp1")
+    assert state_bytes(fresh.restore("alt2", 17)) == parent_17
+    assert state_bytes(alt2.restore(17)) == parent_17
     for s in range(14, 19):
         assert_matches_record(fresh.restore("alt", s), frec, s)
     for s in (0, 12, 13, 14, 19, 22):
         assert_matches_record(fresh.restore("main", s), rec, s)
     assert [r["step"] for r in main.log()] == list(range(23))
 
-    with pytest.raises(RaybranchError, match="'alt'"):
+    with pytest.raises(ConflictError, match="'alt'"):
         main.fork("alt", step=5)
     with pytest.raises(NotFoundError, match="777"):
         main.fork("other", step=777)
+    assert verify_store(store, "exp1").problems == []
+
+
+def commit_seq_gone(store, seq, run="exp1", branch="main") -> bool:
+    return seq not in commit_seqs(store, run, branch)
 
 
 # -- corruption ------------------------------------------------------------------------------
@@ -186,35 +233,35 @@ def _flip(path: str, pos: int | None = None) -> None:
 
 @pytest.fixture
 def small_run(file_uri):
-    """0 snapshot, 1-4 and 5-8 compacted into segments, 9 and 10 loose."""
+    """Commits 0..10: pages 0-3 (steps 0 snapshot, 1, 2) and 4-7 (steps 3..6) sealed and
+    compacted into one blob each; steps 7, 8, 9 (commits 8, 9, 10) loose, one blob each."""
     ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=4)
-    train_and_save(ckpt, 11, extra=False)
-    entries = ckpt.index.entries("main", refresh=True)
-    assert "segment" in entries[6] and "file" in entries[9] and entries[0]["kind"] == "snapshot"
+    train_and_save(ckpt, 10, extra=False)
+    entries = {e["step"]: e for e in Lineage(ckpt.store, "exp1", "main").all_entries()}
+    assert sorted(entries) == list(range(10)) and entries[0]["kind"] == "snapshot"
+    assert [p["name"] for p in entries[5]["parts"]] == ["segment"] and [p["name"] for p in entries[8]["parts"]] == ["0"]
+    assert entries[0]["parts"] == entries[2]["parts"] != entries[3]["parts"]
+    assert sealed_pages(ckpt.store, "exp1") == [(0, 3), (4, 7)] and commit_seqs(ckpt.store, "exp1") == [7, 8, 9, 10]
     return file_uri, ckpt.store, entries
 
 
-def _verify(capsys, uri) -> tuple[int, str]:
-    capsys.readouterr()
-    rc = cli_main(["verify", "--store", uri])
-    out = capsys.readouterr()
-    return rc, out.out + out.err
+def _problems(uri) -> list[str]:
+    return verify_store(rb.open_store(uri), "exp1").problems
 
 
 @pytest.mark.parametrize(
     "which, bad_steps, good_steps",
-    [("segment", [5, 8, 10], [0, 1, 4]), ("loose", [9, 10], [0, 4, 8]), ("snapshot", [0, 5, 10], [])],
+    [("segment", [3, 6, 9], [0, 1, 2]), ("loose", [8, 9], [0, 4, 7]), ("snapshot", [0, 5, 9], [])],
 )
-def test_flipped_byte_in_blob(small_run, capsys, which, bad_steps, good_steps):
+def test_flipped_byte_in_blob(small_run, which, bad_steps, good_steps):
     uri, store, entries = small_run
-    rc, out = _verify(capsys, uri)
-    assert rc == 0, out
-    h = entries[{"segment": 6, "loose": 9, "snapshot": 0}[which]]["blob"][0]
+    assert _problems(uri) == []
+    h = entries[{"segment": 5, "loose": 8, "snapshot": 0}[which]]["parts"][0]["blob"][0]
     _flip(os.path.join(store.root, "exp1", "blobs", f"{h}.arrow"))
 
-    rc, out = _verify(capsys, uri)
-    assert rc != 0
-    assert h in out
+    problems = _problems(uri)
+    assert problems and all("\n" not in p for p in problems)
+    assert any(h in p for p in problems)
 
     reader = Reader(rb.open_store(uri), "exp1")
     for s in bad_steps:
@@ -228,56 +275,68 @@ def test_flipped_byte_in_blob(small_run, capsys, which, bad_steps, good_steps):
 
 def test_flipped_byte_anywhere_in_a_loose_blob(small_run):
     uri, store, entries = small_run
-    h = entries[10]["blob"][0]
+    h = entries[9]["parts"][0]["blob"][0]
     path = os.path.join(store.root, "exp1", "blobs", f"{h}.arrow")
     size = os.path.getsize(path)
     for pos in np.random.default_rng(5).choice(size, 12, replace=False).tolist() + [0, size - 1]:
         _flip(path, pos)
         with pytest.raises(CorruptBlobError):
-            Reader(rb.open_store(uri), "exp1").restore("main", 10)
+            Reader(rb.open_store(uri), "exp1").restore("main", 9)
         _flip(path, pos)  # undo
-    assert Reader(rb.open_store(uri), "exp1").restore("main", 10)["step"] == 10
+    assert Reader(rb.open_store(uri), "exp1").restore("main", 9)["step"] == 9
 
 
-def _edit_manifest(path: str) -> None:
+def _edit_json(path: str) -> None:
     with open(path) as f:
         doc = json.load(f)
-    doc["tags"] = ["edited"]
+    doc["steps"][0]["tags"] = ["edited"]
     with open(path, "w") as f:
         json.dump(doc, f)
 
 
-@pytest.mark.parametrize("damage", ["edit", "garbage", "segment"])
-def test_corrupt_manifest(small_run, capsys, damage):
+@pytest.mark.parametrize(
+    "damage, bad_steps, good_steps",
+    [
+        ("edit", [8, 9], [0, 5, 7]),  # a loose commit record (step 8) edited: its checksum fails
+        ("garbage", [8, 9], [0, 5, 7]),  # …or not JSON at all
+        ("head", [0, 4, 9], []),  # the head commit is read to open the branch at all
+        ("page", [3, 5, 9], [0, 2]),  # a sealed page (steps 3..6) edited
+    ],
+)
+def test_corrupt_commit_record_or_page(small_run, damage, bad_steps, good_steps):
     uri, store, entries = small_run
-    if damage == "segment":
-        rel = entries[6]["segment"]
+    bid = branch_id(store, "exp1")
+    if damage == "page":
+        rel = page_key("exp1", bid, 4, 7, 0)
         path = os.path.join(store.root, rel)
         with open(path, "rb") as f:
             doc = json.loads(zstandard.ZstdDecompressor().decompress(f.read()))
-        doc["entries"][0]["slices"] = [99]
+        doc["steps"][0]["slices"] = [99]
         with open(path, "wb") as f:
             f.write(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
     else:
-        rel = entries[9]["file"]
+        rel = commit_key("exp1", bid, 10 if damage == "head" else 9)
         path = os.path.join(store.root, rel)
-        if damage == "edit":
-            _edit_manifest(path)
-        else:
+        if damage == "garbage":
             with open(path, "w") as f:
-                f.write('{"step": 9, "kind": "del')
-    for step in (0, 9):
-        with pytest.raises(CorruptBlobError) as ei:
-            rb.Checkpointer(uri, run="exp1").restore(step)
-        msg = str(ei.value)
-        assert "\n" not in msg and rel in msg
-    rc, out = _verify(capsys, uri)
-    assert rc != 0 and rel in out
+                f.write('{"seq": 9, "kind": "ste')
+        else:
+            _edit_json(path)
+    for step in bad_steps:
+        for restore in (lambda s: rb.Checkpointer(uri, run="exp1").restore(s), lambda s: Reader(rb.open_store(uri), "exp1").restore("main", s)):
+            with pytest.raises(CorruptBlobError) as ei:
+                restore(step)
+            msg = str(ei.value)
+            assert "\n" not in msg and rel in msg
+    for step in good_steps:
+        assert Reader(rb.open_store(uri), "exp1").restore("main", step)["step"] == step
+    problems = _problems(uri)
+    assert any(rel in p for p in problems), problems
 
 
 def test_corrupt_layout(small_run):
     uri, store, entries = small_run
-    rel = f"exp1/layouts/{entries[10]['layout']}.json"
+    rel = layout_key("exp1", entries[9]["layout"])
     with open(os.path.join(store.root, rel), "r+") as f:
         doc = json.load(f)
         doc["model_keys"] = list(reversed(doc["model_keys"]))
@@ -285,8 +344,9 @@ def test_corrupt_layout(small_run):
         json.dump(doc, f)
         f.truncate()
     with pytest.raises(CorruptBlobError) as ei:
-        rb.Checkpointer(uri, run="exp1").restore(10)
+        rb.Checkpointer(uri, run="exp1").restore(9)
     assert rel in str(ei.value) and "\n" not in str(ei.value)
+    assert any(rel in p for p in _problems(uri))
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -377,6 +437,7 @@ def test_step_not_after_head(file_uri):
         (dict(run="x", snapshot_every=0), "0"),
         (dict(run="x", segment_size=-1), "-1"),
         (dict(run="x", optimizer_codec="zip"), "'zip'"),
+        (dict(run="x", flush_every=0), "0"),
     ],
 )
 def test_bad_checkpointer_arguments(file_uri, kw, names):

@@ -1,7 +1,9 @@
 """A writer SIGKILLed mid-save leaves no visible partial checkpoint, and the branch goes on.
 
-The writer (crash_writer.py, a separate process) saves a deterministic random walk; the test
-replays the same walk here into a clean store to know what every committed step must restore to.
+The writer (crash_writer.py, a separate process) saves a deterministic random walk, one commit
+per step, sealing a page every 3 commits; the test replays the same walk here into a clean store
+to know what every committed step must restore to. A kill lands anywhere: writing a blob, a
+commit record, a page, top.json, or deleting what a seal replaced.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import pytest
 import torch
 
 import raybranch as rb
-from raybranch.checkpoint.verify import verify_run
+from raybranch.ledger.lineage import Lineage
+from raybranch.ledger.verify import verify_store
 from raybranch.store.store import TMP_MARK
 
 import crash_writer
-from ckpt_testkit import Recorder, assert_matches_record
+from ckpt_testkit import Recorder, assert_matches_record, sealed_pages
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer.py")
 SEED = 11
@@ -82,14 +85,15 @@ def test_sigkill_mid_save(request, tmp_path, backend, mode, trial):
     # every reported commit is there; at most the save in flight committed on top; no gaps
     assert steps == list(range(len(steps)))
     assert len(reported) <= len(steps) <= len(reported) + 1
+    reader = rb.Reader(rb.open_store(uri), "crash")
     for s in steps:  # every visible checkpoint restores, to exactly what the writer had
-        assert_matches_record(rb.Reader(rb.open_store(uri), "crash").restore("main", s), rec, s)
+        assert_matches_record(reader.restore("main", s), rec, s)
 
     listed = store.list("crash", recursive=True)
     assert not [i.path for i in listed if TMP_MARK in i.base_name]
     assert all(i.base_name.endswith(".arrow") for i in store.list("crash/blobs"))
-    problems, checked = verify_run(store, "crash")
-    assert problems == [] and checked == len(steps)
+    rep = verify_store(store, "crash")
+    assert rep.problems == [] and rep.counts["steps"] == len(steps)
 
     # a new Checkpointer on the branch continues the chain exactly as the writer would have
     head = steps[-1]
@@ -104,9 +108,11 @@ def test_sigkill_mid_save(request, tmp_path, backend, mode, trial):
     fresh = rb.Reader(rb.open_store(uri), "crash")
     for s in (0, head, head + 1, head + 2):
         assert_matches_record(fresh.restore("main", s), rec, s)
-    problems, _ = verify_run(store, "crash")
-    assert problems == []
-    # a compaction the kill interrupted has been finished: no step is both loose and in a segment
-    loose = {int(i.base_name.split(".")[0]) for i in store.list("crash/manifests/main")}
-    compacted = {r["step"] for r in log if r["compacted"]}
-    assert not loose & compacted
+    rep = verify_store(store, "crash")
+    assert rep.problems == [] and rep.counts["steps"] == head + 3
+    # a seal the kill interrupted has been finished by the new writer's commits (its fence and
+    # two saves cross a page boundary): every full page is sealed, exactly its steps compacted
+    head_seq = Lineage(store, "crash", "main").log.head_seq
+    full = (head_seq + 1) // crash_writer.SEGMENT_SIZE
+    assert sealed_pages(store, "crash") == [(3 * i, 3 * i + 2) for i in range(full)]
+    assert [r["compacted"] for r in log] == [r["commit"] <= 3 * full - 1 for r in log]

@@ -19,9 +19,15 @@ def _i32(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32)
 
 
-@pytest.mark.parametrize("segment_size", [3, 0], ids=["head-compacted", "head-loose"])
+@pytest.mark.parametrize(
+    "segment_size, stop, sealed",
+    # commit 0 is the branch's root, step s is commit s + 1: with pages of 3 commits, stopping after
+    # step 7 leaves the head in sealed page 6-8, after step 9 in the unsealed page 9-11
+    [(3, 7, True), (3, 9, False), (0, 9, False)],
+    ids=["head-sealed", "head-unsealed", "no-compaction"],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segment_size):
+def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segment_size, stop, sealed):
     uri = request.getfixturevalue(backend)
 
     def trajectory():
@@ -38,34 +44,39 @@ def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segmen
     for step, model, opt in trajectory():
         ref_rec.save(ref, step, model, opt)
 
-    # the same run, stopped after step 9 and resumed by a new Checkpointer
+    # the same run, stopped after step ``stop`` and resumed by a new Checkpointer
     first = rb.Checkpointer(uri, run="exp1", segment_size=segment_size)
     rec = Recorder()
     traj = trajectory()
     for step, model, opt in traj:
         rec.save(first, step, model, opt)
-        if step == 9:
+        if step == stop:
             break
+    assert first.epoch == 1
     del first
 
     resumed = rb.Checkpointer(uri, run="exp1", segment_size=segment_size)
-    head = resumed.head()
-    assert head["step"] == 9 and head["compacted"] == (segment_size == 3)
+    assert resumed.epoch is None
+    head = resumed.head()  # loads the head: registers as the branch's writer
+    assert resumed.epoch == 2
+    assert head["step"] == stop and head["compacted"] == sealed
     # the encoder state rebuilt from the store is the one the first writer had, bit for bit
-    assert set(resumed._encoders) == set(rec.recon[9])
-    for g, r in rec.recon[9].items():
+    assert set(resumed._encoders) == set(rec.recon[stop])
+    for g, r in rec.recon[stop].items():
         assert torch.equal(_i32(resumed._encoders[g].recon), _i32(r))
     for step, model, opt in traj:
         rec.save(resumed, step, model, opt)
     log = resumed.log()
     assert [r["step"] for r in log] == list(range(15))
-    assert log[10]["parent"] == ["main", 9] and log[10]["kind"] == "delta" and log[10]["depth"] == 10
+    nxt = log[stop + 1]
+    assert nxt["parent"] == ["main", stop] and nxt["kind"] == "delta" and nxt["depth"] == stop + 1
+    assert nxt["commit"] == stop + 3  # after the resumed writer's fence commit
     # …and continuing produced exactly what the uninterrupted run produced
-    for step in range(10, 15):
+    for step in range(stop + 1, 15):
         for g in ref_rec.recon[step]:
             assert torch.equal(_i32(rec.recon[step][g]), _i32(ref_rec.recon[step][g]))
     fresh = rb.Reader(rb.open_store(uri), "exp1")
-    for step in (0, 9, 10, 12, 14):
+    for step in (0, stop, stop + 1, 12, 14):
         assert_matches_record(fresh.restore("main", step), rec, step)
 
 
@@ -80,6 +91,30 @@ def test_resume_on_a_branch_whose_head_is_a_snapshot(file_uri):
     rec.save(resumed, 1, model)
     assert [r["kind"] for r in resumed.log()] == ["snapshot", "delta"]
     assert_matches_record(rb.Checkpointer(file_uri, run="exp1").restore(1), rec, 1)
+
+
+def test_resume_after_group_commits(file_uri):
+    """A writer that commits in groups closes; a new one (another flush_every) goes on from its last step."""
+    model = make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    rec = Recorder()
+    first = rb.Checkpointer(file_uri, run="exp1", flush_every=4, segment_size=2)
+    for step in range(7):
+        sgd_step(model, opt, gen)
+        rec.save(first, step, model, opt)
+    first.close()  # steps 0 | 1..4 | 5, 6
+    resumed = rb.Checkpointer(file_uri, run="exp1", flush_every=3, segment_size=2)
+    for step in range(7, 13):
+        sgd_step(model, opt, gen)
+        rec.save(resumed, step, model, opt)
+    resumed.close()
+    log = resumed.log()
+    assert [r["step"] for r in log] == list(range(13))
+    assert [r["commit"] for r in log] == [1, 2, 2, 2, 2, 3, 3, 5, 5, 5, 6, 6, 6]
+    fresh = rb.Reader(rb.open_store(file_uri), "exp1")
+    for step in range(13):
+        assert_matches_record(fresh.restore("main", step), rec, step)
 
 
 # -- restored training is identical ---------------------------------------------------------------

@@ -30,12 +30,12 @@ def test_entry_point_runs_as_a_command(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().startswith("raybranch: error:")
 
 
-@pytest.fixture
-def populated(file_uri):
+def _populate(uri):
+    """main: 10 checkpoints (pages of 4 commits), the last the end of slice 1; clean: a fork at 5."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ck = rb.Checkpointer(file_uri, "exp1", "main", segment_size=4)
+    ck = rb.Checkpointer(uri, "exp1", "main", segment_size=4)
     x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
     for step in range(10):
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -44,11 +44,22 @@ def populated(file_uri):
         opt.step()
         ck.save(step, model, slices=[1] if step == 9 else None, tags=["slice-end:1"] if step == 9 else None)
     ck.fork("clean", step=5)
-    return file_uri, ck
+    return uri, ck
 
 
-def test_log_table_and_json(populated):
-    uri, ck = populated
+@pytest.fixture
+def populated(file_uri):
+    return _populate(file_uri)
+
+
+@pytest.fixture(params=["file_uri", "s3_uri"])
+def populated_both(request):
+    """The same run in a local store and in the real S3 server."""
+    return _populate(request.getfixturevalue(request.param))
+
+
+def test_log_table_and_json(populated_both):
+    uri, ck = populated_both
     out = cli("log", "--store", uri, "--run", "exp1", "--branch", "main")
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip().splitlines()) == 1 + 10
@@ -57,7 +68,18 @@ def test_log_table_and_json(populated):
     assert [r["step"] for r in recs if r["branch"] == "main"] == list(range(10))
     main_recs = [r for r in recs if r["branch"] == "main"]
     assert main_recs[0]["kind"] == "snapshot" and {r["kind"] for r in main_recs[1:]} == {"delta"}
-    assert [r["kind"] for r in recs if r["branch"] == "clean"] == ["ref"]
+    # a fork copies nothing: clean's log is its fork point, a record of main's step 5
+    (fork,) = [r for r in recs if r["branch"] == "clean"]
+    assert fork["kind"] == "fork" and fork["step"] == 5 and fork["parent"] == ["main", 5] and fork["bytes"] == 0
+    assert fork["id"] == "exp1/clean/5"
+    # each record names its commit; pages of 4 commits (commit 0 creates the branch) are sealed
+    # and their steps compacted into one segment blob, the open page's are not
+    assert [r["commit"] for r in main_recs] == list(range(1, 11))
+    assert [r["compacted"] for r in main_recs] == [True] * 7 + [False] * 3
+    assert main_recs[0]["parent"] is None and main_recs[3]["parent"] == ["main", 2]
+    assert all(r["bytes"] > 0 for r in main_recs) and main_recs[9]["tags"] == ["slice-end:1"]
+    table = cli("log", "--store", uri, "--run", "exp1", "--branch", "clean").stdout.splitlines()
+    assert len(table) == 2 and table[1].split()[:4] == ["clean", "5", "fork", "main/5"]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -73,8 +95,8 @@ def test_restore_writes_the_reconstruction(populated, tmp_path, suffix):
         assert torch.equal(got[k], want[k]), k
 
 
-def test_restore_of_fork_point_equals_parent(populated, tmp_path):
-    uri, ck = populated
+def test_restore_of_fork_point_equals_parent(populated_both, tmp_path):
+    uri, ck = populated_both
     path = str(tmp_path / "c.safetensors")
     assert cli("restore", "--store", uri, "--run", "exp1", "--branch", "clean", "--output", path).returncode == 0
     want = ck.restore(5)["model"]
@@ -82,11 +104,27 @@ def test_restore_of_fork_point_equals_parent(populated, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_restore_before_slice_follows_the_lineage(populated_both, tmp_path):
+    uri, ck = populated_both
+    path = str(tmp_path / "b.pt")
+    base = ["restore", "--store", uri, "--run", "exp1", "--output", path]
+    out = cli(*base, "--branch", "main", "--before-slice", "2")
+    assert out.returncode == 0 and "exp1/main/9" in out.stdout, out.stderr  # the end of slice 1
+    got, want = torch.load(path, weights_only=True), ck.restore(9)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # clean forked at 5, before slice 1 ended: slice 1 is the lineage's first checkpoint (main's 0)
+    out = cli(*base, "--branch", "clean", "--before-slice", "1")
+    assert out.returncode == 0 and "exp1/clean/0" in out.stdout, out.stderr
+    out = cli(*base, "--branch", "clean", "--before-slice", "2")
+    assert out.returncode == 2 and "has no end of slice 1" in out.stderr
+
+
 def test_verify_ok(populated):
     uri, _ = populated
     out = cli("verify", "--store", uri)
     assert out.returncode == 0, out.stderr
-    assert "exp1: 11 checkpoints, OK" in out.stdout
+    # format v2: main's 10 checkpoints; the fork at step 5 is main's, not a checkpoint of its own
+    assert "10 checkpoints" in out.stdout and out.stdout.strip().endswith("OK"), out.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
 """The checkpoint actor on a real local Ray (one cluster for the module): async saves restore bit
-for bit like a synchronous Checkpointer, backpressure bounds the saves in flight, errors in the
-actor reach the training side with their message, store failures are retried and every
-checkpoint verifies afterwards, and the hand-over buffer round-trips every dtype."""
+for bit like a synchronous Checkpointer and seal the same pages, backpressure bounds the saves in
+flight, errors in the actor reach the training side with their message, store failures are
+retried (each retry a new writer that fences the one before) and every checkpoint verifies
+afterwards, a writer that takes the branch over fences the actor, and the hand-over buffer
+round-trips every dtype."""
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import random
 import sys
 import time
 
@@ -16,9 +19,12 @@ import torch
 from torch import nn
 
 import raybranch as rb
-from raybranch.checkpoint.verify import verify_run
 from raybranch.cluster.actor import AsyncCheckpointer, RetryPolicy, pack_state, unpack_state
-from raybranch.errors import NonFiniteError, RaybranchError, StoreError
+from raybranch.errors import FencedError, NonFiniteError, RaybranchError, StoreError
+from raybranch.ledger.lineage import Lineage
+from raybranch.ledger.records import pages_dir
+from raybranch.ledger.refs import list_branch_names, read_branch_ref
+from raybranch.ledger.verify import verify_store
 from raybranch.store.store import Store
 from raybranch.store.uri import parse_uri
 
@@ -35,6 +41,8 @@ def ray_cluster():
 
 
 # -- test doubles of the store's speed and reliability (the writes themselves are real) ----------
+# A write is any of write_bytes (overwrite), create (exclusive create: blobs, commits, pages,
+# layouts) and cas (refs).
 class SlowStore(Store):
     """A file store whose every write takes ``DELAY`` s longer."""
 
@@ -42,30 +50,48 @@ class SlowStore(Store):
 
     def write_bytes(self, rel, data):
         time.sleep(self.DELAY)
-        super().write_bytes(rel, data)
+        Store.write_bytes(self, rel, data)
+
+    def create(self, rel, data):
+        time.sleep(self.DELAY)
+        return Store.create(self, rel, data)
+
+    def cas(self, rel, data, expect):
+        time.sleep(self.DELAY)
+        return Store.cas(self, rel, data, expect)
 
 
 class FlakyStore(Store):
-    """A real store whose first three writes fail, then every 5th write fails, every 7th write
-    lands but reports a failure (a lost acknowledgement), and every 4th delete fails."""
+    """A real store whose first three writes fail; after that each write fails with probability
+    0.2 or lands but reports a failure (a lost acknowledgement) with probability 0.1, and each
+    delete fails with probability 0.25. The faults come from a seeded generator: the same ones on
+    every run (a fixed period would beat in step with the writes of a save)."""
 
     def __init__(self, location):
         super().__init__(location)
-        self.writes, self.deletes = itertools.count(1), itertools.count(1)
-        self.injected = 0
+        self.writes = itertools.count(1)
+        self.rng = random.Random(5)
+
+    def _write(self, rel, do):
+        n, u = next(self.writes), self.rng.random()
+        if n <= 3 or u < 0.2:
+            raise StoreError(f"injected failure of write #{n} ({rel})")
+        out = do()
+        if u < 0.3:
+            raise StoreError(f"injected lost acknowledgement of write #{n} ({rel})")
+        return out
 
     def write_bytes(self, rel, data):
-        n = next(self.writes)
-        if n <= 3 or n % 5 == 0:
-            self.injected += 1
-            raise StoreError(f"injected failure of write #{n} ({rel})")
-        super().write_bytes(rel, data)
-        if n % 7 == 0:
-            self.injected += 1
-            raise StoreError(f"injected lost acknowledgement of write #{n} ({rel})")
+        self._write(rel, lambda: Store.write_bytes(self, rel, data))
+
+    def create(self, rel, data):
+        return self._write(rel, lambda: Store.create(self, rel, data))
+
+    def cas(self, rel, data, expect):
+        return self._write(rel, lambda: Store.cas(self, rel, data, expect))
 
     def delete(self, rel):
-        if next(self.deletes) % 4 == 0:
+        if self.rng.random() < 0.25:
             raise StoreError(f"injected failure of delete ({rel})")
         super().delete(rel)
 
@@ -78,7 +104,9 @@ def open_flaky(uri: str) -> Store:
     return FlakyStore(parse_uri(uri))
 
 
-FAST_RETRY = RetryPolicy(attempts=8, base_s=0.005, cap_s=0.05)
+# a retry costs one more write than the attempt it repeats (the rebuilt Checkpointer's fence
+# commit), so at FlakyStore's failure rate a save may need more than the default 8 attempts
+FAST_RETRY = RetryPolicy(attempts=16, base_s=0.005, cap_s=0.05)
 
 
 # -- a small model with every kind of tensor ------------------------------------------------------
@@ -134,9 +162,35 @@ def assert_same_restore(a: dict, b: dict) -> None:
         assert torch.equal(a["extra"][k], v) if isinstance(v, torch.Tensor) else a["extra"][k] == v
 
 
-def segments(uri: str, run: str) -> list[str]:
+def pages(uri: str, run: str, branch: str = "main") -> list[str]:
+    """The sealed pages of a branch (``<first seq>-<last seq>.g<gen>.json.zst``)."""
     store = rb.open_store(uri)
-    return sorted(i.base_name for i in store.list(f"{run}/segments/main"))
+    bid = Lineage(store, run, branch).log.bid
+    return sorted(i.base_name for i in store.list(pages_dir(run, bid)))
+
+
+def unreferenced_blobs(uri: str, run: str, branch: str = "main") -> set[str]:
+    """Blobs of the run that no checkpoint of the branch names (what gc would free)."""
+    store = rb.open_store(uri)
+    named = {p["blob"][0] for e in Lineage(store, run, branch).all_entries() for p in e["parts"]}
+    return {i.base_name.removesuffix(".arrow") for i in store.list(f"{run}/blobs")} - named
+
+
+def verified_steps(uri: str, run: str, orphans_ok: bool = False) -> int:
+    """verify_store finds nothing wrong with the run; returns the number of steps it checked.
+
+    ``orphans_ok``: except branch directories that no ref names and that hold no commit — what a
+    store error between a new branch's branch.json and its commit 0 leaves (garbage for gc; the
+    retry creates the branch again under a new id)."""
+    store = rb.open_store(uri)
+    rep = verify_store(store, run)
+    problems = rep.problems
+    if orphans_ok:
+        named = {read_branch_ref(store, run, n).doc["branch_id"] for n in list_branch_names(store, run, live_only=False)}
+        orphans = {f"branch {run}/branches/{bid} has no commits" for bid in store.list_dirs(f"{run}/branches") if bid not in named}
+        problems = [p for p in problems if p not in orphans]
+    assert problems == []
+    return rep.counts["steps"]
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -160,11 +214,16 @@ def test_async_saves_restore_bit_identically_to_sync_checkpointer(file_uri, tmp_
     reader = rb.Checkpointer(rb.open_store(file_uri), "r1", "main")
     for step in range(14):
         assert_same_restore(reader.restore(step), sync.restore(step))
-    drop = ("time", "bytes", "compacted")
-    assert [{k: v for k, v in e.items() if k not in drop} for e in reader.log()] == \
+    # the same commits (the reopened actor registered as a new writer where the new sync one did),
+    # sealed into the same pages and compacted at the same steps
+    drop = ("time", "bytes")
+    log = reader.log()
+    assert [{k: v for k, v in e.items() if k not in drop} for e in log] == \
            [{k: v for k, v in e.items() if k not in drop} for e in sync.log()]
-    assert segments(file_uri, "r1") == segments(ref_uri, "r1") != []
-    assert verify_run(rb.open_store(file_uri), "r1") == ([], 14)
+    assert [e["compacted"] for e in log] == [True] * 13 + [False]  # commits 0-14 sealed in pages of 3, 15 not yet
+    assert pages(file_uri, "r1") == pages(ref_uri, "r1") == [f"{a:012d}-{a + 2:012d}.g000.json.zst" for a in range(0, 15, 3)]
+    assert unreferenced_blobs(file_uri, "r1") == unreferenced_blobs(ref_uri, "r1") == set()  # compaction deleted what it replaced
+    assert verified_steps(file_uri, "r1") == 14
 
 
 def test_saves_on_s3_restore_from_s3_in_this_process(s3_uri, s3_server):
@@ -175,8 +234,10 @@ def test_saves_on_s3_restore_from_s3_in_this_process(s3_uri, s3_server):
         ckpt.save(step, model)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     ckpt.close()
+    assert verified_steps(s3_uri, "r2") == 9
+    assert pages(s3_uri, "r2") == ["000000000000-000000000003.g000.json.zst", "000000000004-000000000007.g000.json.zst"]
+    assert [e["compacted"] for e in ckpt.log()] == [True] * 7 + [False] * 2  # commits 1-7 hold steps 0-6
     store = rb.open_store(s3_uri)
-    assert verify_run(store, "r2") == ([], 9)
     restored = rb.Reader(store, "r2").restore("main", 8)["model"]
     assert torch.equal(restored["bn.num_batches_tracked"], states[8]["bn.num_batches_tracked"])
     assert torch.equal(restored["fc2.bias"], states[8]["fc2.bias"])  # 3 entries: stored exactly
@@ -202,7 +263,7 @@ def test_backpressure_bounds_saves_in_flight_and_blocks_the_client(tmp_path):
     in_flight = [k + 1 - sum(r["end"] <= t for r in records) for k, t in enumerate(submitted)]
     assert max(in_flight) == 2
     assert ckpt.stats["blocked"] >= 7
-    # each save writes ≥ 2 files at ≥ 0.04 s each; only the last 2 may still be running at the end
+    # each save writes ≥ 2 objects (blob, commit) at ≥ 0.04 s each; only the last 2 may still be running at the end
     assert save_loop_s >= 8 * 2 * SlowStore.DELAY
 
 
@@ -249,22 +310,43 @@ def test_transient_store_failures_are_retried_and_every_checkpoint_verifies(tmp_
     ckpt.close()
     sync.close()
     assert stats["retries"] >= 3 and stats["failed"] == 0  # the first three writes failed, at least
-    assert stats["found_committed"] >= 1  # a manifest that landed but reported failure: not written twice
-    assert stats["compaction"]["failures"] >= 1  # background passes failed and were retried
+    assert stats["found_committed"] >= 1  # a commit that landed but reported failure: not written twice
+    # every retry rebuilt the Checkpointer from the store: a new writer, which fenced the one before
+    assert stats["writers"] >= 2 and stats["epoch"] >= stats["writers"]
+    assert verified_steps(uri, "r5", orphans_ok=True) == 16  # one chain, epochs never going down, no step twice
     store = rb.open_store(uri)
-    assert verify_run(store, "r5") == ([], 16)
-    assert segments(uri, "r5") == segments(ref_uri, "r5") != []  # same segments as inline compaction
-    loose = {u: sorted(i.base_name for i in rb.open_store(u).list("r5/manifests/main")) for u in (uri, ref_uri)}
-    assert loose[uri] == loose[ref_uri]  # no leftover of an interrupted compaction
     reader = rb.Reader(store, "r5")
     for step in range(16):
         assert_same_restore(reader.restore("main", step), sync.restore(step))
+    # pages were sealed and compacted despite the failures: every step of a sealed page reads from
+    # its page's one segment blob (a failed delete only leaves garbage: blobs nothing names)
+    log = Lineage(store, "r5", "main").log
+    sealed = [e for e in log.all_entries() if e["seq"] <= log.sealed_through]
+    assert sealed and all(p["name"] == "segment" for e in sealed for p in e["parts"])
+    # seals a failure cut short are finished by the next commit, here by a writer on a sound store
+    _, model, opt = next(itertools.islice(trajectory(17), 16, None))
+    after = rb.Checkpointer(rb.open_store(uri), "r5", "main", **opts)
+    after.save(16, model, opt)
+    sync.save(16, model, opt)
+    log = Lineage(store, "r5", "main").log
+    assert log.head_seq - log.sealed_through < 3  # only the page in progress is not sealed
+    entries = log.all_entries()
+    assert [e["step"] for e in entries] == list(range(17))
+    assert all(all(p["name"] == "segment" for p in e["parts"]) == (e["seq"] <= log.sealed_through) for e in entries)
+    assert_same_restore(rb.Reader(store, "r5").restore("main", 16), sync.restore(16))
+    assert verified_steps(uri, "r5", orphans_ok=True) == 17
 
 
 def test_retries_are_bounded_and_the_last_error_is_raised(tmp_path):
     class DeadStore(Store):
         def write_bytes(self, rel, data):
             raise StoreError(f"cannot write {rel}: connection refused")
+
+        def create(self, rel, data):
+            self.write_bytes(rel, data)
+
+        def cas(self, rel, data, expect):
+            self.write_bytes(rel, data)
 
     ckpt = AsyncCheckpointer("file://" + str(tmp_path / "dead"), "r6", "main",
                              retry=RetryPolicy(attempts=3, base_s=0.001, cap_s=0.001),
@@ -338,3 +420,62 @@ def test_a_batch_commits_in_order_and_stops_at_its_first_failure(file_uri):
     assert svc.save_many(bufs[3:4], items[3:4])[0][0] == "ok"  # step 3 after the failed step 2
     svc.close()
     assert [e["step"] for e in rb.Checkpointer(rb.open_store(file_uri), "r8").log()] == [0, 1, 3]
+
+
+def test_a_writer_that_takes_the_branch_over_fences_the_actor(file_uri):
+    ckpt = AsyncCheckpointer(file_uri, "r9", "main", max_pending=2)
+    steps = trajectory(6)
+    for step, model, _ in itertools.islice(steps, 3):
+        ckpt.save(step, model)
+    ckpt.flush()
+    other = rb.Checkpointer(rb.open_store(file_uri), "r9", "main")  # e.g. a worker restarted elsewhere
+    epoch = other.acquire()
+    assert epoch == ckpt.actor_stats()["epoch"] + 1
+    step, model, _ = next(steps)
+    ckpt.save(step, model)
+    with pytest.raises(FencedError, match=rf"writer epoch {epoch - 1} was fenced by epoch {epoch}"):
+        ckpt.flush()
+    ckpt.save(4, model)  # the actor does not take the branch back: it stays fenced
+    with pytest.raises(FencedError):
+        ckpt.flush()
+    assert other.save(3, model) == "r9/main/3"  # the new writer's commits were never touched
+    assert [e["step"] for e in ckpt.log()] == [0, 1, 2, 3]
+    stats = ckpt.actor_stats()
+    assert stats["failed"] == 2 and stats["writers"] == 1 and "fenced" in stats["fenced"]
+    ckpt.close()
+    assert verified_steps(file_uri, "r9") == 4
+
+
+def test_a_rebuilt_checkpointer_fences_the_one_it_replaces(file_uri):
+    from raybranch.cluster.actor import CheckpointService
+
+    class OneLostCommit(Store):
+        """Step 2's commit lands, but its acknowledgement is lost."""
+
+        lost = False
+
+        def create(self, rel, data):
+            created = Store.create(self, rel, data)
+            if "/commits/" in rel and not self.lost and b'"step":2,' in data:
+                self.lost = True
+                raise StoreError(f"injected lost acknowledgement ({rel})")
+            return created
+
+    svc = CheckpointService(file_uri, "r10", "main", {}, FAST_RETRY, lambda uri: OneLostCommit(parse_uri(uri)))
+    items, bufs = [], []
+    for step, model, _ in trajectory(4):
+        buf, meta = pack_state(model)
+        bufs.append(buf.numpy())
+        items.append((step, meta, [], [], False))
+    assert [o for o, _ in svc.save_many(bufs[:2], items[:2])] == ["ok", "ok"]
+    first, epoch = svc._ckpt, svc._ckpt.epoch
+    assert [o for o, _ in svc.save_many(bufs[2:], items[2:])] == ["ok", "ok"]
+    assert (svc.stats["retries"], svc.stats["found_committed"], svc.stats["writers"]) == (1, 1, 2)
+    assert svc._ckpt is not first and svc._ckpt.epoch == epoch + 1
+    svc.close()
+    # step 2 committed once, by the first writer; step 3 by the new one, which fenced the first
+    log = Lineage(rb.open_store(file_uri), "r10", "main").log
+    assert [(e["step"], log.commit(e["seq"])["epoch"]) for e in log.all_entries()] == \
+           [(0, epoch), (1, epoch), (2, epoch), (3, epoch + 1)]
+    assert log.head["epoch"] == epoch + 1
+    assert verified_steps(file_uri, "r10") == 4

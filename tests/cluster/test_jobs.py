@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import raybranch as rb
-from raybranch.checkpoint.verify import verify_run
+from raybranch.ledger.verify import verify_store
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -190,5 +190,5 @@ def test_job_submit_to_local_head_with_s3_store_then_restore_without_ray(tmp_pat
     model = build_model("lenet5", data.meta.num_classes, data.meta.in_channels, data.meta.image_size)
     model.load_state_dict(tensors)
     assert evaluate_accuracy(model, *data.test) == pytest.approx(lc["branches"]["clean"]["acc_restored"])
-    problems, checked = verify_run(store, "job-lc")
-    assert problems == [] and checked > 0
+    rep = verify_store(store, "job-lc")
+    assert rep.problems == [] and rep.counts["steps"] > 0

@@ -10,7 +10,7 @@ import ray
 import torch
 
 import raybranch as rb
-from raybranch.checkpoint.verify import verify_run
+from raybranch.ledger.verify import verify_store
 from raybranch.cli.main import main as cli_main
 from raybranch.cluster.sweep import CSV_COLUMNS, run_sweep, trial_grid, trial_tag
 from raybranch.config import load_sweep_config
@@ -55,8 +55,8 @@ def test_tiny_sweep_writes_one_row_per_trial(tmp_path, capsys):
         ratio, savings = float(r["compression_ratio"]), float(r["space_savings"])
         assert ratio > 5 and savings == pytest.approx(1 - 1 / ratio)
         assert 0 < float(r["acc_restored"]) <= 1 and 0 < float(r["acc_full"]) <= 1
-        problems, checked = verify_run(store, r["run"])  # each trial is a run of its own
-        assert problems == [] and checked == int(r["checkpoints"]) + 4 * 2  # + 2 settle checkpoints per slice end
+        rep = verify_store(store, r["run"])  # each trial is a run of its own
+        assert rep.problems == [] and rep.counts["steps"] == int(r["checkpoints"]) + 4 * 2  # + 2 settle checkpoints per slice end
     # Delta-LoRA stores fewer bytes per checkpoint than LC on the same schedule
     assert float(rows[1]["compression_ratio"]) > float(rows[0]["compression_ratio"])
     md = (out / "results.md").read_text()

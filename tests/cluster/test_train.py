@@ -1,6 +1,7 @@
 """Branches as Ray Train workers (raybranch.cluster.train) on a real local Ray: the branching run
-gives the single-process experiment's results, every Ray checkpoint resolves to a raybranch
-manifest that restores, and a worker killed mid-slice resumes from the branch head."""
+gives the single-process experiment's results, every Ray checkpoint resolves to a committed
+raybranch checkpoint that restores, and a worker killed mid-slice resumes from the branch head
+(its new writer fencing the dead one's)."""
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ import torch
 import raybranch as rb
 from raybranch.branches.experiment import ExperimentConfig, run_experiment
 from raybranch.branches.slices import slice_ends
-from raybranch.checkpoint.manifest import RunIndex
-from raybranch.checkpoint.verify import verify_run
+from raybranch.ledger.lineage import Lineage
+from raybranch.ledger.verify import verify_store
 from raybranch.cluster.train import (
     RAY_CHECKPOINT_FILE,
     RayExperiment,
@@ -76,7 +77,6 @@ def test_branching_run_matches_single_process_and_ray_checkpoints_resolve(tmp_pa
     # every slice end was reported to Ray with a checkpoint naming its raybranch checkpoint
     store = rb.open_store(uri)
     run = lc["run"]
-    index = RunIndex(store, run)
     for b, slices in (("main", [1, 2, 3, 4]), ("clean", [1, 2, 4])):
         ray_dir = Path(ray_storage(store, run)[0]) / b
         ray_ckpts = sorted(p for p in ray_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
@@ -93,11 +93,11 @@ def test_branching_run_matches_single_process_and_ray_checkpoints_resolve(tmp_pa
             for k in want["model"]:
                 assert torch.equal(got["model"][k], want["model"][k]), k
             docs.append(doc)
-        ends = slice_ends(index, b)
+        ends = slice_ends(Lineage(store, run, b))
         assert sorted((d["slice"], d["step"]) for d in docs) == sorted((k, ends[k]) for k in slices)
     assert r["mechanisms"]["lc"]["ray"]["branches"]["main"]["resumed"] is False
-    problems, checked = verify_run(store, run)
-    assert problems == [] and checked > 0
+    rep = verify_store(store, run)
+    assert rep.problems == [] and rep.counts["steps"] > 0
 
 
 def kill_once(marker: str, branch: str, at_step: int):
@@ -132,10 +132,16 @@ def test_killed_worker_resumes_from_the_branch_head(tmp_path, checkpointer):
     assert info["resumed"] is True
     store = rb.open_store(uri)
     run = out["run"]
-    entries = RunIndex(store, run).entries("main", refresh=True)
-    steps = sorted(entries)
+    lin = Lineage(store, run, "main")
+    steps = [e["step"] for e in lin.all_entries()]
     assert steps == list(range(steps[0], steps[-1] + 1))  # no gap, no duplicate
-    ends = slice_ends(RunIndex(store, run), "main")
+    # three writers, each registered with a new epoch: the driver (step 0), the first attempt of
+    # the worker, the restarted worker (which fenced the one it replaced)
+    log = lin.log
+    commits = [c for p in log.pages for c in log.page(p.first_seq, p.last_seq)["commits"]]
+    commits += [log.commit(s) for s in log.tail_seqs if s > log.sealed_through]
+    assert sorted({c["epoch"] for c in commits}) == [1, 2, 3]
+    ends = slice_ends(Lineage(store, run, "main"))
     assert sorted(ends) == [1, 2, 3, 4]
     assert ends[1] < kill_at < ends[2]
     # slice 1 ended before the kill and was not trained again; slices 2-4 were reported after it.
@@ -148,8 +154,8 @@ def test_killed_worker_resumes_from_the_branch_head(tmp_path, checkpointer):
     # the restarted worker continued from the last committed step: the slice cut short was
     # trained again from its first epoch on top of it, so slice 2 holds more steps than slice 1
     assert ends[2] - ends[1] > ends[1] - 0
-    problems, checked = verify_run(store, run)
-    assert problems == [] and checked == len(steps)
+    rep = verify_store(store, run)
+    assert rep.problems == [] and rep.counts["steps"] == len(steps)
     assert out["branches"]["main"]["acc_restored"] > 0.3
     # every Ray checkpoint still resolves to a committed checkpoint of the branch
     path, _ = ray_storage(store, run)
@@ -157,4 +163,4 @@ def test_killed_worker_resumes_from_the_branch_head(tmp_path, checkpointer):
     assert len(res_ckpts) >= 4  # a report lost in the kill leaves its directory behind
     for p in res_ckpts:
         doc = resolve_ray_checkpoint(ray.train.Checkpoint.from_directory(str(p)))
-        assert doc["step"] in entries
+        assert doc["step"] in steps

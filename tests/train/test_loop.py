@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import raybranch as rb
-from raybranch.errors import RaybranchError
+from raybranch.errors import FencedError, RaybranchError
 from raybranch.lora import inject_delta_lora, lora_anchor
 from raybranch.train.loop import (
     NonFiniteLossError,
@@ -168,6 +168,49 @@ def test_a_second_failure_before_any_progress_rolls_back_one_checkpoint_further(
                       loss_hook=lambda s, l: l * float("nan") if s in (7, 8) else l)
     assert res.rollbacks == [{"step": 7, "rolled_back_to": 6, "lr": 0.05}, {"step": 8, "rolled_back_to": 5, "lr": 0.025}]
     assert steps_of(ck) == [0, 1, 2, 3, 4, 5, 6, 9]
+
+
+def test_nan_on_a_fork_rolls_back_to_the_fork_point_in_the_parent(tmp_path):
+    """A fork holds no copy of its fork point: the rollback restores it through the lineage."""
+    data = make_data()
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    store = rb.open_store(tmp_path.as_uri())
+    main = rb.Checkpointer(store, "r", "main", save_rng=False)
+    main.save(0, m, opt)
+    train_slice(m, opt, data, epochs=1, batch_size=32, ckpt=main, step0=0, slice_id=1)
+    at3 = {k: v.clone() for k, v in main.restore(3)["model"].items()}
+    fork = main.fork("alt", step=3)
+    seen = {}
+
+    def hook(step, loss):
+        seen[step] = {k: v.clone() for k, v in m.state_dict().items()}
+        return loss * float("nan") if step == 4 else loss
+
+    load_checkpoint(m, fork.restore(), opt)
+    res = train_slice(m, opt, data, epochs=1, batch_size=32, ckpt=fork, step0=3, slice_id=2, loss_hook=hook)
+    assert res.rollbacks == [{"step": 4, "rolled_back_to": 3, "lr": 0.05}]
+    for k, v in seen[5].items():
+        assert torch.equal(v, at3[k]), k
+    log = fork.log()
+    assert [(r["kind"], r["step"]) for r in log[:2]] == [("fork", 3), ("delta", 5)] and log[-1]["step"] == 6
+    assert steps_of(main) == [0, 1, 2, 3]  # the parent is untouched
+
+
+def test_a_fenced_writer_cannot_train_into_the_branch(tmp_path):
+    """Once a newer writer registered (a restarted worker), the old one's next checkpoint is
+    refused: training stops with FencedError instead of forking the history."""
+    data = make_data()
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    store = rb.open_store(tmp_path.as_uri())
+    old = rb.Checkpointer(store, "r", "main", save_rng=False)
+    old.save(0, m, opt)
+    newer = rb.Checkpointer(store, "r", "main", save_rng=False)
+    assert newer.acquire() > old.epoch
+    with pytest.raises(FencedError, match="fenced"):
+        train_slice(m, opt, data, epochs=1, batch_size=32, ckpt=old, step0=0, slice_id=1)
+    assert steps_of(newer) == [0]
 
 
 def test_nan_rollback_without_a_checkpointer_uses_the_last_good_state():
