@@ -378,6 +378,8 @@ def test_unknown_run_branch_step(uri):
         ("delta", "conv.weight"),  # the LC path
         ("delta", "fc.bias"),
         ("delta", "bn.running_var"),
+        ("resumed", "conv.weight"),  # the first save of a new Checkpointer on the branch: no fence commit either
+        ("resumed", "fc.bias"),
     ],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -387,10 +389,12 @@ def test_nonfinite_weights_write_nothing(file_uri, when, tensor, bad):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     rec = Recorder()
-    if when == "delta":
+    if when in ("delta", "resumed"):
         for s in range(3):
             sgd_step(model, opt, gen)
             rec.save(ckpt, s, model, opt)
+    if when == "resumed":
+        ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=2)
     root = rb.open_store(file_uri).root
     files = local_files(root) if os.path.isdir(root) else {}
     recon = {g: e.recon.clone() for g, e in ckpt._encoders.items()}

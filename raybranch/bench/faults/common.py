@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -173,15 +174,15 @@ def committed_steps(store, run: str, branch: str = "main") -> list[int]:
         return []
 
 
-def restore_all(uri: str, run: str, branch: str, steps: list[int]) -> tuple[dict[int, str], dict[int, str]]:
-    """({step: digest}, {step: error}) restoring every step with one fresh Reader; an error that
-    is not a RaybranchError is prefixed ``CRASH``."""
+def restore_all(store, run: str, branch: str, steps: list[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """({step: digest}, {step: error}) restoring every step with one fresh Reader (on ``store``, a
+    Store or a URI); an error that is not a RaybranchError is prefixed ``CRASH``."""
     from ...checkpoint.restore import Reader
     from ...store.store import open_store
 
     from ...errors import RaybranchError
 
-    reader = Reader(open_store(uri), run)
+    reader = Reader(open_store(store) if isinstance(store, str) else store, run)
     ok, bad = {}, {}
     for s in steps:
         try:
@@ -243,6 +244,8 @@ class Child:
         return self.spawner.wait(self, timeout)
 
     def lines(self) -> list[str]:
+        if hasattr(self.spawner, "lines_of"):
+            return self.spawner.lines_of(self)
         try:
             with open(self.events, "rb") as f:
                 data = f.read().decode(errors="replace")
@@ -329,25 +332,37 @@ class ForkServer:
 
 class DirectSpawner:
     """One fresh interpreter per writer (``python -m raybranch.bench.faults.writer run ARGS``),
-    with an optional ``preexec_fn`` (the disk-full case sets RLIMIT_FSIZE there)."""
+    with an optional ``preexec_fn`` (the disk-full case sets RLIMIT_FSIZE there). Its events come
+    through a pipe (its stdout), which no file-size limit touches; stderr goes to a log file."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.procs: dict[int, subprocess.Popen] = {}
+        self._lines: dict[int, list[str]] = {}
+        self._readers: dict[int, threading.Thread] = {}
         self.n = 0
 
     def spawn(self, args: dict, env: dict | None = None, preexec_fn=None) -> Child:
         self.n += 1
-        events = os.path.join(self.workdir, f"d{self.n:04d}.events")
         log = os.path.join(self.workdir, f"d{self.n:04d}.log")
         full_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
-        with open(log, "wb") as out:
+        with open(log, "wb") as err:
             p = subprocess.Popen([sys.executable, "-m", "raybranch.bench.faults.writer", "run",
-                                  json.dumps({**args, "events": events})],
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                  json.dumps({**args, "events": "-"})],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=full_env,
                                  preexec_fn=preexec_fn)
         self.procs[p.pid] = p
-        return Child(p.pid, events, log, self)
+        lines = self._lines[p.pid] = []
+
+        def pump() -> None:
+            for raw in p.stdout:
+                lines.append(raw.decode(errors="replace").rstrip("\n"))
+        t = self._readers[p.pid] = threading.Thread(target=pump, daemon=True)
+        t.start()
+        return Child(p.pid, "-", log, self)
+
+    def lines_of(self, child: Child) -> list[str]:
+        return list(self._lines[child.pid])
 
     def poll(self, child: Child) -> int | None:
         return self.procs[child.pid].poll()
@@ -355,10 +370,12 @@ class DirectSpawner:
     def wait(self, child: Child, timeout: float) -> int:
         p = self.procs[child.pid]
         try:
-            return p.wait(timeout=timeout)
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            return p.wait()
+            rc = p.wait()
+        self._readers[child.pid].join(10)
+        return rc
 
     def close(self) -> None:
         for p in self.procs.values():

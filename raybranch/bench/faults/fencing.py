@@ -36,7 +36,8 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
     variant = VARIANTS[i % len(VARIANTS)]
     run = f"fence-{backend}-{i:03d}"
     res = {"round": i, "backend": backend, "variant": variant, "run": run}
-    a = Checkpointer(open_store(uri), run, **ckpt_kwargs(3, 3 if variant == "open-group" else 1))
+    store = open_store(uri)
+    a = Checkpointer(store, run, **ckpt_kwargs(3, 3 if variant == "open-group" else 1))
     tr = Trainer()
     n = rng.randint(2, 6)
     for s in range(n):
@@ -48,8 +49,8 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
         a.save(n, tr.advance_to(n).model, tr.opt)  # open group: saved, not committed
         n += 1
     res["epoch_a"] = a.epoch
-    before_steps = committed_steps(open_store(uri), run)
-    before, _ = restore_all(uri, run, "main", before_steps)
+    before_steps = committed_steps(store, run)
+    before, _ = restore_all(store, run, "main", before_steps)
 
     racing: dict = {}
     if variant == "racing":
@@ -121,9 +122,8 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
     if variant != "racing" and err is None:
         res["a_error"] = "none: " + "; ".join(res["a_attempts"])
 
-    store = open_store(uri)
     after_steps = committed_steps(store, run)
-    after, bad = restore_all(uri, run, "main", after_steps)
+    after, bad = restore_all(store, run, "main", after_steps)
     replaced = [s for s, d in before.items() if after.get(s) != d]
     b_wrong = []
     if b_saved:
@@ -146,7 +146,7 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
         except RaybranchError as exc:
             res["retry_after_fenced"] = f"{type(exc).__name__}: {one_line(exc, 200)}"
             res["retook_branch"] = False
-        res["verify_after_retry"] = verify_problems(open_store(uri), run)
+        res["verify_after_retry"] = verify_problems(store, run)
     return res
 
 

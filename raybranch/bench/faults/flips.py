@@ -113,8 +113,9 @@ def flip_one(root: str, rel: str, bit: int, good: dict) -> dict:
     with open(path, "wb") as f:
         f.write(after)
     uri = "file://" + root
+    store = open_store(uri)
     try:
-        problems = verify_problems(open_store(uri), None)
+        problems = verify_problems(store, None)
         crashed_verify = [p for p in problems if p.startswith("VERIFY RAISED")]
         code, stderr = _cli_verify(uri)
         res = {"kind": kind_of(rel), "object": rel, "bit": bit, "size": len(before),
@@ -124,7 +125,7 @@ def flip_one(root: str, rel: str, bit: int, good: dict) -> dict:
         outcomes = {"identical": 0, "error": 0, "wrong": 0, "crash": 0}
         examples = {}
         for branch, steps in good.items():
-            got, bad = restore_all(uri, RUN, branch, list(steps))
+            got, bad = restore_all(store, RUN, branch, list(steps))
             for s, d in got.items():
                 k = "identical" if d == steps[s] else "wrong"
                 outcomes[k] += 1

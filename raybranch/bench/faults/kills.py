@@ -114,8 +114,8 @@ def kill_round(i: int, rng: random.Random, uri: str, spawner, ref: Reference, en
     steps = committed_steps(store, run)
     res["committed"] = len(steps)
     res["leftovers"] = leftovers(store, run)
-    first, bad1 = restore_all(uri, run, "main", steps)
-    second, bad2 = restore_all(uri, run, "main", steps)
+    first, bad1 = restore_all(store, run, "main", steps)
+    second, bad2 = restore_all(store, run, "main", steps)
     wrong_ref = [s for s, d in first.items() if ref.restored.get(s) != d]
     unstable = [s for s in first if second.get(s) != first[s]]
     mine = store_recon_digests(store, run, "main", [s for s in steps if s in said]) if steps else {}
@@ -128,13 +128,13 @@ def kill_round(i: int, rng: random.Random, uri: str, spawner, ref: Reference, en
     # resume: a new writer continues after the last commit
     nxt = steps[-1] + 1 if steps else 0
     try:
-        ck = Checkpointer(open_store(uri), run, **ckpt_kwargs(cfg["segment_size"], cfg["flush_every"]))
+        ck = Checkpointer(store, run, **ckpt_kwargs(cfg["segment_size"], cfg["flush_every"]))
         tr = Trainer().advance_to(nxt)
         ck.save(nxt, tr.model, tr.opt)
         ck.close()
-        after = committed_steps(open_store(uri), run)
-        got, bad = restore_all(uri, run, "main", after)
-        problems2 = verify_problems(open_store(uri), run)
+        after = committed_steps(store, run)
+        got, bad = restore_all(store, run, "main", after)
+        problems2 = verify_problems(store, run)
         resumed = (after == steps + [nxt] and not bad and got.get(nxt) == ref.restored.get(nxt)
                    and all(got[s] == first.get(s) for s in steps) and not problems2)
         res.update(resumed=resumed, resume_problems=problems2, resume_restore_errors=bad,

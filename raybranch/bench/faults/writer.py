@@ -33,7 +33,8 @@ _MUTATIONS = ("write", "create", "cas", "delete", "touch")
 
 class Events:
     def __init__(self, path: str):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # "-": standard output (a pipe: no file-size limit applies to it)
+        self.fd = 1 if path == "-" else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def __call__(self, *words) -> None:
         line = " ".join(" ".join(str(w).split()) for w in words)
