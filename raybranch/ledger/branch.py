@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from ..errors import ConflictError, CorruptBlobError, FencedError, NotFoundError
 from ..store.store import Store, decode_json, json_bytes
 from .records import (
-    COMMIT_FORMAT, PAGE_FORMAT, TOP_FORMAT, commit_key, commits_dir, page_bounds, page_key, pages_dir,
-    parse_page_key, seal, seq_of_commit_key, top_key, unseal,
+    COMMIT_FORMAT, PAGE_FORMAT, TOP_FORMAT, commit_key, commits_dir, expand_steps, page_bounds, page_key, pages_dir,
+    parse_page_key, seq_of_commit_key, stored, top_key, unseal,
 )
 
 STEP_KEYS_ADDED = ("seq", "parts", "branch_id")  # what a resolved entry carries beyond the committed one
@@ -102,7 +102,7 @@ class BranchLog:
     def commit(self, seq: int) -> dict:
         if seq not in self._commits:
             rel = commit_key(self.run, self.bid, seq)
-            self._commits[seq] = unseal(self.store.read_json(rel), rel, COMMIT_FORMAT)
+            self._commits[seq] = expand_steps(unseal(self.store.read_json(rel), rel, COMMIT_FORMAT))
             while len(self._commits) > 256:
                 self._commits.popitem(last=False)
         return self._commits[seq]
@@ -117,7 +117,7 @@ class BranchLog:
                 gen = self._newest_gen(first, last)
                 rel = page_key(self.run, self.bid, first, last, gen)
                 doc = self.store.read_json(rel)
-            self._pages[(first, last)] = unseal(doc, rel, PAGE_FORMAT)
+            self._pages[(first, last)] = expand_steps(unseal(doc, rel, PAGE_FORMAT))
             while len(self._pages) > 64:
                 self._pages.popitem(last=False)
         return self._pages[(first, last)]
@@ -269,7 +269,7 @@ class BranchWriter:
             "own_last_step": steps[-1]["step"] if steps else t["own_last_step"],
             "last_step": steps[-1]["step"] if steps else t["last_step"],
         }
-        doc = seal({
+        doc = stored({
             "format": COMMIT_FORMAT, "run": self.run, "branch_id": self.bid, "seq": seq, "parent": head["checksum"],
             "epoch": self.epoch, "writer": self.writer_id, "world_size": world_size, "kind": kind,
             "fork": head.get("fork"), "page_size": head["page_size"], "parts": parts, "steps": steps,
@@ -277,6 +277,7 @@ class BranchWriter:
             "time": round(time.time(), 3),
         })
         data = json_bytes(doc)
+        doc = expand_steps(doc)
         rel = commit_key(self.run, self.bid, seq)
         if not self.store.create(rel, data):
             other = unseal(decode_json(rel, self.store.read_bytes(rel), False), rel, COMMIT_FORMAT)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..errors import NotFoundError
 from ..store.store import Store, decode_json
 from .records import (
-    PAGE_FORMAT, branch_dir, commits_dir, pages_dir, parse_page_key, seq_of_commit_key, unseal,
+    PAGE_FORMAT, branch_dir, commits_dir, expand_steps, pages_dir, parse_page_key, seq_of_commit_key, unseal,
 )
 from .refs import read_branch_ref
 
@@ -128,7 +128,7 @@ def _scan_branch(store, run, bid, infos, referenced: set, layouts: set, drop) ->
         gens.sort(key=lambda g: g[0])
         for _, i in gens[:-1]:
             drop(i, "pages")
-        doc = unseal(decode_json(gens[-1][1].rel, store.read_bytes(gens[-1][1].rel), True), gens[-1][1].rel, PAGE_FORMAT)
+        doc = expand_steps(unseal(decode_json(gens[-1][1].rel, store.read_bytes(gens[-1][1].rel), True), gens[-1][1].rel, PAGE_FORMAT))
         sealed.update(range(a, b + 1))
         _refs(doc["steps"], referenced, layouts)
     prefix = commits_dir(run, bid) + "/"
@@ -138,7 +138,7 @@ def _scan_branch(store, run, bid, infos, referenced: set, layouts: set, drop) ->
         if seq in sealed and seq != newest:
             drop(i, "commits")
         elif seq not in sealed:
-            doc = decode_json(i.rel, store.read_bytes(i.rel), False)
+            doc = expand_steps(decode_json(i.rel, store.read_bytes(i.rel), False))
             _refs([{**e, "parts": doc["parts"]} for e in doc["steps"]], referenced, layouts)
 
 

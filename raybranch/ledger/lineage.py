@@ -14,7 +14,7 @@ from ..store.store import Store, json_bytes
 from .branch import BranchLog, BranchWriter, PageInfo, resolved
 from .records import (
     BRANCH_FORMAT, COMMIT_FORMAT, PAGE_SIZE, branch_doc_key, check_name, commit_key, commits_dir, page_bounds, seal,
-    seq_of_commit_key,
+    seq_of_commit_key, stored,
 )
 from .refs import create_branch_ref, live_branch_id
 
@@ -32,7 +32,7 @@ def create_branch(store: Store, run: str, name: str, fork: dict | None = None, p
     store.create(branch_doc_key(run, bid), json_bytes(seal(
         {"format": BRANCH_FORMAT, "run": run, "branch_id": bid, "name": name, "fork": fork, "page_size": int(page_size), "time": now})))
     writer_id = uuid.uuid4().hex[:16]
-    root = seal({
+    root = stored({
         "format": COMMIT_FORMAT, "run": run, "branch_id": bid, "seq": 0, "parent": None, "epoch": 1, "writer": writer_id,
         "world_size": 1, "kind": "fork" if fork else "root", "fork": fork, "page_size": int(page_size), "parts": [],
         "steps": [], "tail": [], "slices": [], "time": now,

@@ -22,7 +22,7 @@ import time
 from ..errors import NotFoundError
 from ..store.store import Store, encode_json
 from .branch import BranchLog, BranchWriter, page_info, resolved
-from .records import PAGE_FORMAT, TOP_FORMAT, blob_key, commit_key, page_key, seal, top_key, unseal
+from .records import PAGE_FORMAT, TOP_FORMAT, blob_key, commit_key, expand_steps, page_key, seal, stored, top_key, unseal
 
 
 class Sealer:
@@ -55,14 +55,15 @@ def seal_page(store: Store, log: BranchLog, a: int, b: int, rewrite=None) -> dic
     new_parts = rewrite(store, run, bid, steps) if (rewrite is not None and steps) else None
     if new_parts is not None:
         steps = [{**e, "parts": new_parts} for e in steps]
-    headers = [{k: v for k, v in c.items() if k != "steps"} | {"n_steps": len(c["steps"])} for c in commits]
+    headers = [{k: v for k, v in c.items() if k not in ("steps", "common")} | {"n_steps": len(c["steps"])} for c in commits]
     blobs = {p["blob"][0]: p["blob"][1] for e in steps for p in e["parts"]}
-    doc = seal({"format": PAGE_FORMAT, "run": run, "branch_id": bid, "first_seq": a, "last_seq": b, "gen": 0,
-                "commits": headers, "steps": steps, "bytes": sum(blobs.values()), "time": round(time.time(), 3)})
+    doc = stored({"format": PAGE_FORMAT, "run": run, "branch_id": bid, "first_seq": a, "last_seq": b, "gen": 0,
+                  "commits": headers, "steps": steps, "bytes": sum(blobs.values()), "time": round(time.time(), 3)})
     rel = page_key(run, bid, a, b, 0)
     created = store.create(rel, encode_json(rel, doc))
+    doc = expand_steps(doc)
     if not created:  # sealed by another writer first: theirs is the page; our rewrite is garbage
-        doc = unseal(store.read_json(rel), rel, PAGE_FORMAT)
+        doc = expand_steps(unseal(store.read_json(rel), rel, PAGE_FORMAT))
         if new_parts is not None:
             theirs = {p["blob"][0] for e in doc["steps"] for p in e["parts"]}  # a rewrite is deterministic: often the same blob
             for p in new_parts:
@@ -107,11 +108,13 @@ def replace_page(store: Store, log: BranchLog, old: dict, steps: list[dict]) -> 
     run, bid, a, b = log.run, log.bid, old["first_seq"], old["last_seq"]
     gen = old["gen"] + 1
     blobs = {p["blob"][0]: p["blob"][1] for e in steps for p in e["parts"]}
-    doc = seal({"format": PAGE_FORMAT, "run": run, "branch_id": bid, "first_seq": a, "last_seq": b, "gen": gen,
-                "commits": old["commits"], "steps": steps, "bytes": sum(blobs.values()), "time": round(time.time(), 3)})
+    doc = stored({"format": PAGE_FORMAT, "run": run, "branch_id": bid, "first_seq": a, "last_seq": b, "gen": gen,
+                  "commits": old["commits"], "steps": steps, "bytes": sum(blobs.values()), "time": round(time.time(), 3)})
     rel = page_key(run, bid, a, b, gen)
-    if not store.create(rel, encode_json(rel, doc)):
-        doc = unseal(store.read_json(rel), rel, PAGE_FORMAT)
+    created = store.create(rel, encode_json(rel, doc))
+    doc = expand_steps(doc)
+    if not created:
+        doc = expand_steps(unseal(store.read_json(rel), rel, PAGE_FORMAT))
     log._pages[(a, b)] = doc
     log.pages = sorted([p for p in log.pages if p.first_seq != a] + [page_info(doc)], key=lambda p: p.first_seq)
     write_top(store, log)

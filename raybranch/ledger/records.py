@@ -117,3 +117,29 @@ def page_bounds(seq: int, page_size: int) -> tuple[int, int]:
     """(first, last) commit seq of the page that holds ``seq``."""
     first = seq - seq % page_size
     return first, first + page_size - 1
+
+
+def compact_steps(steps: list[dict]) -> tuple[dict, list[dict]]:
+    """(common, rest): the fields every entry shares with the same value, and what differs.
+
+    Commits and pages store their step entries this way (``"common"`` beside ``"steps"``), so a
+    group of 64 steps pays for its codec, layout, parts and optimizer JSON once, not 64 times."""
+    if len(steps) < 2:
+        return {}, steps
+    first = steps[0]
+    common = {k: v for k, v in first.items() if k != "step" and all(k in e and e[k] == v for e in steps[1:])}
+    return common, [{k: v for k, v in e.items() if k not in common} for e in steps]
+
+
+def expand_steps(doc: dict) -> dict:
+    """A stored commit or page with its step entries whole again (see :func:`compact_steps`)."""
+    common = doc.get("common") or {}
+    if not common:
+        return doc
+    return {**doc, "steps": [{**common, **e} for e in doc["steps"]], "common": {}}
+
+
+def stored(doc: dict) -> dict:
+    """The form a commit or page is written in: entries compacted, then sealed."""
+    common, rest = compact_steps(doc["steps"])
+    return seal({**{k: v for k, v in doc.items() if k != "checksum"}, "common": common, "steps": rest})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import RaybranchError, StoreError
 from ..store.store import Store, blob_hash, decode_json, json_bytes
 from .records import (
-    BRANCH_FORMAT, COMMIT_FORMAT, PAGE_FORMAT, TOP_FORMAT, branch_doc_key, commits_dir, pages_dir, parse_page_key,
+    BRANCH_FORMAT, COMMIT_FORMAT, PAGE_FORMAT, TOP_FORMAT, branch_doc_key, commits_dir, expand_steps, pages_dir, parse_page_key,
     seq_of_commit_key, top_key, unseal,
 )
 from .refs import list_links, read_branch_ref
@@ -44,7 +44,7 @@ def _doc(store: Store, rel: str, fmt: str, rep: Report) -> dict | None:
     try:
         data = store.read_bytes(rel)
         rep.counts["bytes"] += len(data)
-        return unseal(decode_json(rel, data, rel.endswith(".zst")), rel, fmt)
+        return expand_steps(unseal(decode_json(rel, data, rel.endswith(".zst")), rel, fmt))
     except StoreError:
         raise
     except RaybranchError as exc:
