@@ -32,7 +32,7 @@ import torch
 from ..codec.delta import DeltaEncoder
 from ..codec.lc import LCParams
 from ..codec.streams import encode_exact
-from ..errors import ConflictError, NonFiniteError, NotFoundError, RaybranchError
+from ..errors import ConflictError, FencedError, NonFiniteError, NotFoundError, RaybranchError
 from ..ledger.branch import BranchLog, BranchWriter
 from ..ledger.lineage import Lineage, create_branch
 from ..ledger.pages import Sealer
@@ -42,6 +42,7 @@ from ..store.blob import Row, write_blob
 from ..store.store import Store, json_bytes, open_store
 from . import state as st
 from .compact import compact_rows
+from .history import branch_log, log_record
 from .restore import Reader
 
 
@@ -93,6 +94,7 @@ class Checkpointer:
         self._head: dict | None = None  # the head step's entry
         self._loaded = False
         self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
+        self._fenced: str | None = None  # why this writer was fenced (it stays so until acquire())
         self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
 
     # -- public API ---------------------------------------------------------------------------
@@ -224,7 +226,9 @@ class Checkpointer:
         return None if self._writer is None else self._writer.epoch
 
     def acquire(self) -> int:
-        """Register as the branch's writer now (a restarted worker taking over); returns the epoch."""
+        """Register as the branch's writer now (a restarted worker taking over; or, after a
+        FencedError, taking the branch back on purpose); returns the epoch."""
+        self._fenced = None
         self._load_head()
         return self._writer.epoch
 
@@ -254,6 +258,9 @@ class Checkpointer:
                           slices=sorted({k for e, _ in group for k in e["slices"]}))
         except RaybranchError as exc:
             self._loaded, self._writer, self._head = False, None, None
+            if isinstance(exc, FencedError):  # stays fenced: only acquire() takes the branch back
+                self._fenced = f"{span} of branch {self.branch!r} not committed: {exc}"
+                raise FencedError(self._fenced) from None
             raise type(exc)(f"{span} of branch {self.branch!r} not committed: {exc}") from None
         try:  # the commit stands; a seal cut short (store error) is finished by the next commit
             self.sealer.seal_due(writer)
@@ -333,6 +340,8 @@ class Checkpointer:
         branch, rebuild the encoders' reconstructions from its head."""
         if self._loaded:
             return
+        if self._fenced:
+            raise FencedError(f"{self._fenced} (this Checkpointer stays fenced; acquire() takes the branch back)")
         ref = read_branch_ref(self.store, self.run, self.branch)
         if ref is None or not ref.live:
             try:
@@ -360,41 +369,6 @@ def _buffer_names(model) -> set[str]:
     if isinstance(model, torch.nn.Module):
         return {n for n, _ in model.named_buffers()}
     return {n for n in model if _STAT_BUFFER.search(n)}
-
-
-def log_record(e: dict, branch: str, prev: list | None) -> dict:
-    """What ``log()`` and ``raybranch log`` show of a checkpoint."""
-    return {
-        "id": f"{e.get('run', '')}/{branch}/{e['step']}".lstrip("/"),
-        "branch": branch,
-        "step": e["step"],
-        "kind": e["kind"],
-        "parent": prev,
-        "depth": e.get("depth", 0),
-        "bytes": sum(p["blob"][1] for p in e.get("parts", [])),
-        "slices": e.get("slices", []),
-        "tags": e.get("tags", []),
-        "time": e.get("time"),
-        "commit": e.get("seq"),
-        "compacted": any(p["name"] == "segment" for p in e.get("parts", [])),
-    }
-
-
-def branch_log(lin: Lineage) -> list[dict]:
-    """The log records of a branch: its fork point (if forked), then its own checkpoints."""
-    out: list[dict] = []
-    prev = None
-    f = lin.fork
-    if f is not None:
-        src = lin.parent().entry(f["step"])
-        out.append({**log_record({**src, "kind": "fork", "parts": [], "tags": ["fork"], "slices": []}, lin.name, [f["branch"], f["step"]]), "depth": src.get("depth", 0)})
-        prev = [lin.name, f["step"]]
-    for e in lin.log.all_entries():
-        out.append(log_record({**e, "run": lin.run}, lin.name, prev))
-        prev = [lin.name, e["step"]]
-    for r in out:
-        r["id"] = f"{lin.run}/{lin.name}/{r['step']}"
-    return out
 
 
 def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Checkpointer:

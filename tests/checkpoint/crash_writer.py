@@ -11,7 +11,7 @@ import torch
 
 torch.set_num_threads(1)
 
-SEGMENT_SIZE = 3  # small, so the writer is often compacting when it dies
+SEGMENT_SIZE = 3  # pages of 3 commits: the writer is often sealing (compacting) a page when it dies
 MAX_STEPS = 400
 
 

@@ -289,7 +289,7 @@ def test_flipped_byte_anywhere_in_a_loose_blob(small_run):
 def _edit_json(path: str) -> None:
     with open(path) as f:
         doc = json.load(f)
-    doc["steps"][0]["tags"] = ["edited"]
+    doc["steps"][0]["step"] += 100
     with open(path, "w") as f:
         json.dump(doc, f)
 
@@ -311,7 +311,7 @@ def test_corrupt_commit_record_or_page(small_run, damage, bad_steps, good_steps)
         path = os.path.join(store.root, rel)
         with open(path, "rb") as f:
             doc = json.loads(zstandard.ZstdDecompressor().decompress(f.read()))
-        doc["steps"][0]["slices"] = [99]
+        doc["steps"][0]["step"] += 100
         with open(path, "wb") as f:
             f.write(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
     else:

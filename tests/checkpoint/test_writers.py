@@ -34,8 +34,8 @@ class Trainer:
         return self.rec.save(ckpt, step, self.model, self.opt, **kw)
 
 
-def _steps_of_blob(store, entry_bytes_hash):
-    rows, _ = read_blob(store.get_blob("exp1", entry_bytes_hash))
+def _steps_of_blob(store, h):
+    rows, _ = read_blob(store.get_blob("exp1", h))
     return sorted({r.step for r in rows})
 
 
@@ -183,3 +183,13 @@ def test_fenced_single_save_writes_no_commit(file_uri):
         ta.save(a, 3)
     assert committed(rb.open_store(file_uri), "exp1") == heads
     assert a.epoch is None and b.epoch == 2
+    # it stays fenced: saving again never takes the branch back behind B's back …
+    for s in (4, 5):
+        with pytest.raises(FencedError, match="stays fenced"):
+            ta.save(a, s)
+    assert committed(rb.open_store(file_uri), "exp1") == heads
+    # … only an explicit acquire() does, with a newer epoch that in turn fences B
+    assert a.acquire() == 3
+    ta.save(a, 6)
+    with pytest.raises(FencedError):
+        Trainer(1).save(b, 7)
