@@ -95,6 +95,7 @@ class Checkpointer:
         self._loaded = False
         self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
         self._fenced: str | None = None  # why this writer was fenced (it stays so until acquire())
+        self._lapsed: tuple | None = None  # (epoch, writer id, branch id) held before a failed commit
         self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
 
     # -- public API ---------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class Checkpointer:
 
     def head(self) -> dict | None:
         self._load_head()
-        return None if self._head is None else log_record(self._head, self.branch, None)
+        return None if self._head is None else log_record({**self._head, "run": self.run}, self.branch, None)
 
     def fork(self, branch: str, step: int | None = None, **overrides) -> "Checkpointer":
         """A new branch whose history is this branch up to ``step`` (shared, not copied)."""
@@ -228,7 +229,7 @@ class Checkpointer:
     def acquire(self) -> int:
         """Register as the branch's writer now (a restarted worker taking over; or, after a
         FencedError, taking the branch back on purpose); returns the epoch."""
-        self._fenced = None
+        self._fenced = self._lapsed = None
         self._load_head()
         return self._writer.epoch
 
@@ -257,6 +258,7 @@ class Checkpointer:
             writer.commit([e for e, _ in group], [{"name": "0", "blob": [h, size]}],
                           slices=sorted({k for e, _ in group for k in e["slices"]}))
         except RaybranchError as exc:
+            self._lapsed = (writer.epoch, writer.writer_id, writer.bid)
             self._loaded, self._writer, self._head = False, None, None
             if isinstance(exc, FencedError):  # stays fenced: only acquire() takes the branch back
                 self._fenced = f"{span} of branch {self.branch!r} not committed: {exc}"
@@ -348,8 +350,11 @@ class Checkpointer:
                 self._writer = create_branch(self.store, self.run, self.branch, page_size=self.segment_size or PAGE_SIZE)
             except ConflictError:  # created by another process just now: take it over
                 ref = read_branch_ref(self.store, self.run, self.branch)
+        if self._writer is None and self._lapsed is not None:
+            self._writer = self._rejoin(ref)  # after a failed commit: the same epoch, or fenced
         if self._writer is None:
             self._writer = BranchWriter.register(BranchLog(self.store, self.run, ref.doc["branch_id"], self.branch))
+        self._lapsed = None
         lin = Lineage(self.store, self.run, log=self._writer.log)
         if lin.head_step is not None:
             acc, exact, layout, last = self.reader.recon(lin, lin.head_step)
@@ -359,6 +364,20 @@ class Checkpointer:
             self._last_exact = dict(exact)
             self._head = last
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
+
+
+    def _rejoin(self, ref) -> BranchWriter:
+        """Continue under the epoch this writer held before a failed commit: a store error is no
+        reason to take the branch back from a newer writer that registered meanwhile."""
+        epoch, writer_id, bid = self._lapsed
+        if ref is None or not ref.live or ref.doc["branch_id"] != bid:
+            raise FencedError(f"branch {self.branch!r} of run {self.run!r} was replaced while this writer (epoch {epoch}) was cut off")
+        log = BranchLog(self.store, self.run, bid, self.branch).open()
+        if log.head["epoch"] > epoch:
+            self._fenced = (f"branch {self.branch!r} of run {self.run!r}: writer epoch {epoch} was fenced by epoch "
+                            f"{log.head['epoch']} while its commit failed")
+            raise FencedError(self._fenced)
+        return BranchWriter(log, epoch, writer_id)
 
 
 _STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")

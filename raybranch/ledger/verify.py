@@ -24,7 +24,7 @@ RUN_DIRS = ("branches", "refs", "blobs", "layouts")
 @dataclass
 class Report:
     problems: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: dict(runs=0, branches=0, commits=0, steps=0, pages=0, blobs=0, layouts=0, bytes=0))
+    counts: dict[str, int] = field(default_factory=lambda: dict(runs=0, branches=0, orphans=0, commits=0, steps=0, pages=0, blobs=0, layouts=0, bytes=0))
 
 
 def runs(store: Store) -> list[str]:
@@ -57,15 +57,22 @@ def verify_run(store: Store, run: str, rep: Report) -> None:
     referenced: dict[str, tuple[int, str]] = {}
     layouts: set[str] = set()
     steps_of: dict[str, set[int]] = {}
+    named: set[str] = set()
     for info in store.list(f"{run}/refs/branches"):
         name = info.base_name.removesuffix(".json")
         try:
-            read_branch_ref(store, run, name)
+            ref = read_branch_ref(store, run, name)
+            if ref is not None:
+                named.add(ref.doc["branch_id"])
         except RaybranchError as exc:
             rep.problems.append(str(exc))
     for bid in store.list_dirs(f"{run}/branches"):
-        if not store.list(f"{run}/branches/{bid}", recursive=True):
+        objs = store.list(f"{run}/branches/{bid}", recursive=True)
+        if not objs:
             continue  # an emptied directory (a branch gc deleted)
+        if bid not in named and not any(seq_of_commit_key(i.rel) == 0 for i in objs) and not store.list(pages_dir(run, bid)):
+            rep.counts["orphans"] += 1  # a creation cut short before its commit 0: garbage for gc, not damage
+            continue
         rep.counts["branches"] += 1
         steps_of[bid] = _verify_branch(store, run, bid, rep, referenced, layouts)
     try:

@@ -176,3 +176,33 @@ def test_seal_cut_short_is_finished_by_the_next_writer(file_uri):
     fresh = rb.Reader(rb.open_store(file_uri), "r")
     for s in range(9):
         assert_matches_record(fresh.restore("main", s), rec, s)
+
+
+def test_failed_commit_keeps_the_epoch_and_never_takes_the_branch_back(file_uri):
+    """A store error is no takeover: the writer continues under its own epoch, and when a newer
+    writer registered while it was cut off, it is fenced instead of fencing the newcomer."""
+    m = _model(0)
+    flaky = FlakyStore(file_uri, only="/commits/")
+    ck = rb.Checkpointer(flaky, "r", "main")
+    for s in range(3):
+        ck.save(s, m)
+    epoch = ck.epoch
+    flaky.fail_creates = 1
+    with pytest.raises(StoreError):
+        ck.save(3, m)
+    ck.save(4, m)  # rejoins: no fence commit, same epoch
+    assert ck.epoch == epoch
+    assert [r["kind"] for r in ck.log()] == ["snapshot", "delta", "delta", "delta"]
+
+    flaky.fail_creates = 1
+    with pytest.raises(StoreError):
+        ck.save(5, m)
+    newer = rb.Checkpointer(file_uri, "r", "main")
+    assert newer.acquire() == epoch + 1
+    from raybranch.errors import FencedError
+
+    for s in (6, 7):
+        with pytest.raises(FencedError):
+            ck.save(s, m)
+    newer.save(6, m)
+    assert [r["step"] for r in newer.log()] == [0, 1, 2, 4, 6]
