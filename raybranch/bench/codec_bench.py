@@ -96,7 +96,7 @@ def run_raybranch(states, root: str, sample_steps, load_times, snapshot_every=No
     save_s = time.perf_counter() - t0
     stored = store.total_bytes("bench")
     reader = Reader(store, "bench")
-    reader.index.entries("main")
+    reader.lineage("main")  # the branch is opened once; restores below read its pages and blobs
     restore_s, restored = [], {}
     for s in sample_steps:
         best = float("inf")
@@ -109,7 +109,7 @@ def run_raybranch(states, root: str, sample_steps, load_times, snapshot_every=No
         restored[s] = out["model"]
     ratios = [r / load_times[s] for r, s in zip(restore_s, sample_steps)]
     # decode throughput: the whole chain to the head, deltas only
-    head_depth = reader.index.get("main")["depth"]
+    head_depth = reader.lineage("main").entry()["depth"]
     reader.blobs._rows.clear()
     t = time.perf_counter()
     reader.restore("main")

@@ -289,9 +289,6 @@ class Experiment:
     def restored(self, template: nn.Module, ck: Checkpointer, step: int | None) -> nn.Module:
         """The model of ``ck``'s branch at ``step`` (None: its head now), read from the store."""
         model = copy.deepcopy(template)
-        # a Reader keeps a branch's Lineage as it first opened it (its head included): open it
-        # again, the branch has moved on since
-        ck.reader.lineage(ck.branch, refresh=True)
         load_checkpoint(model, ck.restore(step))
         return model
 

@@ -12,7 +12,7 @@ from .sweep import add_parser as add_sweep_parser
 
 
 def _cmd_log(args) -> int:
-    from ..checkpoint.checkpointer import branch_log
+    from ..checkpoint.history import branch_log
     from ..ledger.lineage import Lineage
     from ..ledger.refs import list_branch_names
     from ..store.store import open_store

@@ -20,8 +20,8 @@ the store, so its memory (head, reconstruction ũ) is exactly what the store hol
 content-addressed and the commit created last, so either the failed attempt committed the step
 (the retry finds it at the head and stops) or it did not (the retry encodes the same state
 against the same ũ and writes the same blob). The new Checkpointer fences the old one, which
-is never called again; a page seal cut short is finished by the next commit that completes a
-page.
+is never called again (each retry costs one fence commit). A page seal cut short by a store
+error does not fail the save — the commit stands — and a later commit finishes it.
 """
 from __future__ import annotations
 

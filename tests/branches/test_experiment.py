@@ -127,7 +127,7 @@ def test_attributed_bytes_add_up_to_the_run(branched):
 
 def test_restored_head_is_the_branch_head_now(branched):
     """Experiment.restored(..., None) after more checkpoints gives the new head, not the head its
-    checkpointer's reader saw first (a Reader keeps a branch's Lineage as first opened)."""
+    checkpointer's reader saw first (replay's head is restored after its fork point was)."""
     _, store, main, clean = branched
     exp = Experiment(ExperimentConfig(), store)
     head = main.head()["step"]

@@ -244,8 +244,9 @@ class Child:
         return self.spawner.wait(self, timeout)
 
     def lines(self) -> list[str]:
-        if hasattr(self.spawner, "lines_of"):
-            return self.spawner.lines_of(self)
+        got = self.spawner.lines_of(self)
+        if got is not None:
+            return got
         try:
             with open(self.events, "rb") as f:
                 data = f.read().decode(errors="replace")
@@ -284,6 +285,7 @@ class ForkServer:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._ask({"ping": 1})
         self._status: dict[int, int] = {}
+        self._fifos: dict[str, tuple] = {}
         self.n = 0
 
     def _ask(self, req: dict) -> dict:
@@ -294,12 +296,32 @@ class ForkServer:
             raise RuntimeError(f"fork server died (rc {self.proc.poll()})")
         return json.loads(line)
 
-    def spawn(self, args: dict, env: dict | None = None) -> Child:
+    def spawn(self, args: dict, env: dict | None = None, fsize: int | None = None) -> Child:
+        """A writer; with ``fsize`` it runs under RLIMIT_FSIZE = fsize bytes (SIGXFSZ ignored) and
+        its events come through a FIFO, which the limit does not touch."""
         self.n += 1
         events = os.path.join(self.workdir, f"w{self.n:04d}.events")
         log = os.path.join(self.workdir, f"w{self.n:04d}.log")
-        pid = self._ask({"spawn": {**args, "events": events}, "env": env or {}, "log": log})["pid"]
+        if fsize is not None:
+            os.mkfifo(events)
+            lines: list[str] = []
+
+            def pump() -> None:
+                with open(events, "rb") as f:  # blocks until the writer opens its end
+                    for raw in f:
+                        lines.append(raw.decode(errors="replace").rstrip("\n"))
+            t = threading.Thread(target=pump, daemon=True)
+            t.start()
+            self._fifos[events] = (lines, t)
+        req = {"spawn": {**args, "events": events}, "env": env or {}, "log": log}
+        if fsize is not None:
+            req["fsize"] = int(fsize)
+        pid = self._ask(req)["pid"]
         return Child(pid, events, log, self)
+
+    def lines_of(self, child: Child) -> list[str] | None:
+        got = self._fifos.get(child.events)
+        return None if got is None else list(got[0])
 
     def poll(self, child: Child) -> int | None:
         if child.pid not in self._status:
@@ -315,6 +337,8 @@ class ForkServer:
                 child.kill()
                 deadline = float("inf")
             time.sleep(0.005)
+        if child.events in self._fifos:
+            self._fifos[child.events][1].join(10)
         return st
 
     def close(self) -> None:
@@ -332,7 +356,7 @@ class ForkServer:
 
 class DirectSpawner:
     """One fresh interpreter per writer (``python -m raybranch.bench.faults.writer run ARGS``),
-    with an optional ``preexec_fn`` (the disk-full case sets RLIMIT_FSIZE there). Its events come
+    optionally under RLIMIT_FSIZE (set by ``preexec_fn``: the disk-full case). Its events come
     through a pipe (its stdout), which no file-size limit touches; stderr goes to a log file."""
 
     def __init__(self, workdir: str):
@@ -342,7 +366,7 @@ class DirectSpawner:
         self._readers: dict[int, threading.Thread] = {}
         self.n = 0
 
-    def spawn(self, args: dict, env: dict | None = None, preexec_fn=None) -> Child:
+    def spawn(self, args: dict, env: dict | None = None, fsize: int | None = None) -> Child:
         self.n += 1
         log = os.path.join(self.workdir, f"d{self.n:04d}.log")
         full_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
@@ -350,7 +374,7 @@ class DirectSpawner:
             p = subprocess.Popen([sys.executable, "-m", "raybranch.bench.faults.writer", "run",
                                   json.dumps({**args, "events": "-"})],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=full_env,
-                                 preexec_fn=preexec_fn)
+                                 preexec_fn=None if fsize is None else fsize_limit(fsize))
         self.procs[p.pid] = p
         lines = self._lines[p.pid] = []
 
@@ -382,6 +406,17 @@ class DirectSpawner:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def fsize_limit(n: int):
+    """A preexec_fn: files written by the process may not grow past ``n`` bytes; SIGXFSZ is
+    ignored (and stays ignored across exec), so such a write fails with EFBIG, like a full disk."""
+    import resource
+
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+    return preexec
 
 
 def s3_env(server) -> dict:

@@ -2,37 +2,30 @@
 write past the limit fails with EFBIG as on a full disk).
 
 A history is written first (this process, no limit): run "full", segment_size 3, 7 steps. Then
-for each limit a fresh interpreter (``preexec_fn``: ``setrlimit(RLIMIT_FSIZE, (L, L))`` and
+for each limit a fresh interpreter (``python -m raybranch.bench.faults.writer run``, its events on a
+pipe) (``preexec_fn``: ``setrlimit(RLIMIT_FSIZE, (L, L))`` and
 ``SIG_IGN`` for SIGXFSZ) opens a Checkpointer on the branch (a registration: a fence commit)
 and saves the next steps until a save fails. The limits are chosen from the sizes of the store's
-objects, so that the first write to fail is, in turn: a commit record, a per-commit blob, a
-compaction's segment blob (the save that completes a page), and none of those for the largest.
+objects, so that the first write to fail is, in turn: the registration's fence commit record, a
+per-commit blob, and a compaction's segment blob (in the save that completes a page: after its
+commit).
 
 Checked per limit: the failing save raises one StoreError (one line, naming the object and "no
-space left"); every step committed before still restores to what it restored to before the
-limit; verify is clean; and with the limit gone a new writer saves the next step. Recorded: the
-object that failed, and whether the step the error calls "not committed" is in fact committed
-(a compaction failure after the commit).
+space left"; a compaction that fails after its commit is only a warning, the save stands); every step committed before still restores to what it restored to before the
+limit; verify is clean; and with the limit gone a new writer saves the next step (and finishes the seals left
+over). Recorded: the object that failed, the warnings, and whether a step an error calls "not
+committed" is in fact committed.
 """
 from __future__ import annotations
 
 import os
-import resource
 import shutil
-import signal
 
 from .common import (
     DirectSpawner, Trainer, ckpt_kwargs, committed_steps, kind_of, one_line, restore_all, verify_problems,
 )
 
 RUN = "full"
-
-
-def _limit(n: int):
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
-    return preexec
 
 
 def object_sizes(store) -> dict[str, int]:
@@ -43,7 +36,9 @@ def object_sizes(store) -> dict[str, int]:
     return out
 
 
-def run(workdir: str, limits: list[int] | None = None, log=print) -> dict:
+def run(workdir: str, limits: list[int] | None = None, log=print, spawner=None) -> dict:
+    """``spawner``: None = a fresh interpreter per limit (RLIMIT_FSIZE set by preexec_fn), or a
+    :class:`~.common.ForkServer` (the limit set in the forked writer; faster)."""
     from ...checkpoint.checkpointer import Checkpointer
     from ...store.store import open_store
 
@@ -61,16 +56,19 @@ def run(workdir: str, limits: list[int] | None = None, log=print) -> dict:
     sizes = object_sizes(store)
     delta_blob = max(per_commit[1:])
     if limits is None:
-        limits = sorted({sizes["commit"] // 2, (sizes["commit"] + delta_blob) // 2 if delta_blob > sizes["commit"] else delta_blob // 2,
-                         int(delta_blob * 1.15), 8 * sizes["blob"]})
-    spawner = DirectSpawner(root)
+        # in turn the first write to fail is: the registration's fence commit record, the first
+        # per-commit blob, the segment blob of the first compaction (deltas fit, a page does not)
+        limits = [256, min(per_commit[1:]) // 2, int(delta_blob * 1.3)]
+    own = spawner is None
+    spawner = DirectSpawner(root) if own else spawner
     out = []
     try:
         for lim in limits:
             out.append(one_limit(uri, lim, spawner, log))
     finally:
-        spawner.close()
-    s = {"sizes": {"commit_record": sizes["commit"], "delta_blob": delta_blob, "largest_blob": sizes["blob"]},
+        if own:
+            spawner.close()
+    s = {"sizes": {"commit_record": sizes["commit"], "per_commit_blob": delta_blob, "largest_blob": sizes["blob"]},
          "limits": out}
     s["ok"] = bool(out) and all(r["ok"] for r in out)
     return s
@@ -83,13 +81,14 @@ def one_limit(uri: str, lim: int, spawner, log) -> dict:
     store = open_store(uri)
     steps = committed_steps(store, RUN)
     before, _ = restore_all(store, RUN, "main", steps)
-    child = spawner.spawn({"uri": uri, "run": RUN, "segment_size": 3, "flush_every": 1, "steps": 12},
-                          preexec_fn=_limit(lim))
+    child = spawner.spawn({"uri": uri, "run": RUN, "segment_size": 3, "flush_every": 1, "steps": 12}, fsize=lim)
     status = child.wait(180)
     lines = child.lines()
     errors = [line.split(" ", 2) for line in lines if line.startswith("error ")]
     saved = [int(line.split()[1]) for line in lines if line.startswith("saved ")]
-    r = {"limit": lim, "exit": status, "saves_ok_under_limit": len(saved)}
+    warned = [line.split(" ", 2)[2] for line in lines if line.startswith("warning ")]
+    r = {"limit": lim, "exit": status, "saves_ok_under_limit": len(saved), "warnings": len(warned),
+         "first_warning": warned[0] if warned else None}
     if errors:
         _, etype, msg = errors[0] + [""] * (3 - len(errors[0]))
         r["error_type"], r["error"] = etype, msg
@@ -117,12 +116,15 @@ def one_limit(uri: str, lim: int, spawner, log) -> dict:
         ck.save(nxt, tr.model, tr.opt)
         ck.close()
         r["resumed_after"] = nxt in committed_steps(store, RUN) and not verify_problems(store, RUN)
+        log_ = ck._writer.log
+        r["unsealed_full_pages_after_resume"] = max(0, (log_.head_seq - log_.sealed_through) // log_.page_size)
     except Exception as exc:  # noqa: BLE001
         r["resumed_after"] = False
         r["resume_error"] = f"{type(exc).__name__}: {one_line(exc)}"
     r["ok"] = bool(r["error_type"] == "StoreError" and r.get("one_line") and r.get("says_no_space") and not r["lost"]
                    and not r["changed"] and not bad and not r["verify_problems"] and r["resumed_after"])
     log(f"  disk full: limit {lim:7d} B → {r['saves_ok_under_limit']} saves ok, then {r['error_type']} on a "
-        f"{r.get('failed_object', '?')} write{' (the step IS committed)' if r.get('failed_step_committed_anyway') else ''}; "
+        f"{r.get('failed_object', '?')} write{' (the step IS committed)' if r.get('failed_step_committed_anyway') else ''}"
+        f"{f' ({len(warned)} warnings: sealing failed after the commit)' if warned else ''}; "
         f"lost={len(r['lost'])} verify={len(r['verify_problems'])} resumed={r['resumed_after']}: {one_line(r['error'], 220)}")
     return r

@@ -12,7 +12,8 @@ FencedError. Variants, in turn:
 * ``racing``:   A saves in a thread without pause while B registers; the first save A starts after
   B is registered must be refused (saves in flight at that moment may land before B's fence).
 
-Checked: A's refusal is a FencedError; every step committed before restores bit-identically
+Checked: A's refusal is a FencedError (a round where B dies before its fence lands is
+*inconclusive*: counted apart, and B's failure reported); every step committed before restores bit-identically
 before and after, B's steps restore to B's data, verify is clean (epochs never go down). Also
 recorded, not a target: whether A, retrying after the FencedError, takes the branch back (the
 Checkpointer re-registers on its next save) and fences B in turn.
@@ -88,7 +89,13 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
         res["error"] = f"writer B failed (exit {status}): {child.log_tail(5)} {[x for x in lines if x.startswith('error')]}"
 
     refused, err = False, None
-    if variant == "racing":
+    if status != 0 and not _fenced_above(store, run, res["epoch_a"]):
+        # B died before its fence landed: nothing to refuse A for; the round says nothing about fencing
+        res["inconclusive"] = "the new writer failed before registering"
+        if variant == "racing":
+            stop.set()
+            th.join()
+    elif variant == "racing":
         deadline = time.monotonic() + 60
         while "refused" not in racing and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -118,8 +125,8 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
         res["a_saves_accepted_while_stale"] = sum("returned OK" in x for x in attempts)
     refused = isinstance(err, FencedError)
     res["a_error"] = None if err is None else f"{type(err).__name__}: {one_line(err, 300)}"
-    res["refused"] = refused and not res.get("a_saves_started_after_b_and_landed")
-    if variant != "racing" and err is None:
+    res["refused"] = None if res.get("inconclusive") else (refused and not res.get("a_saves_started_after_b_and_landed"))
+    if variant != "racing" and err is None and not res.get("inconclusive"):
         res["a_error"] = "none: " + "; ".join(res["a_attempts"])
 
     after_steps = committed_steps(store, run)
@@ -150,6 +157,15 @@ def fence_round(i: int, rng: random.Random, uri: str, backend: str, spawner, env
     return res
 
 
+def _fenced_above(store, run: str, epoch: int) -> bool:
+    """Whether the branch's head commit has an epoch above ``epoch`` (a newer writer's fence landed:
+    after it, every commit of an older writer is refused, so the head can only carry newer ones)."""
+    from ...ledger.branch import BranchLog
+    from ...ledger.refs import live_branch_id
+
+    return BranchLog(store, run, live_branch_id(store, run, "main")).open().head["epoch"] > epoch
+
+
 def run(uri: str, backend: str, rounds: int, spawner, env: dict, seed: int = 3, log=print) -> dict:
     rng = random.Random(seed)
     out = []
@@ -173,12 +189,16 @@ def summarize(rounds: list[dict], backend: str) -> dict:
     s = {
         "backend": backend, "rounds": n,
         "refused": sum(1 for r in rounds if r.get("refused")),
+        "inconclusive": sum(1 for r in rounds if r.get("inconclusive")),
+        "new_writer_failed": sum(1 for r in rounds if r.get("error") or r.get("inconclusive")),
         "silent_overwrites": sum(1 for r in rounds if r.get("silent_overwrite") is not False),
         "verify_not_clean": sum(1 for r in rounds if r.get("verify_problems")),
         "by_variant": {v: sum(1 for r in rounds if r["variant"] == v and r.get("refused")) for v in VARIANTS},
         "stale_retry_retook_branch": sum(1 for r in rounds if r.get("retook_branch")),
+        "stale_saves_accepted": sum(r.get("a_saves_accepted_while_stale", 0) for r in rounds),
+        "rounds_with_stale_saves_accepted": sum(1 for r in rounds if r.get("a_saves_accepted_while_stale")),
         "failures": [r for r in rounds if not r.get("refused") or r.get("silent_overwrite") is not False
-                     or r.get("verify_problems") or r.get("error")],
+                     or r.get("verify_problems") or r.get("error") or r.get("inconclusive")],
     }
-    s["ok"] = n > 0 and s["refused"] == n and s["silent_overwrites"] == 0 and s["verify_not_clean"] == 0
+    s["ok"] = n > 0 and s["refused"] == n - s["inconclusive"] and s["silent_overwrites"] == 0 and s["verify_not_clean"] == 0
     return s

@@ -6,12 +6,17 @@ flush_every 1-3) and is SIGKILLed either
 
 * ``delay``: by this process, a random 0..``max_delay_s`` after it reported ready, or
 * ``op``: by itself, right before or right after its k-th store mutation (k and before/after drawn
-  from every mutation point of a 7-step run, without repeats until all were used).
+  from every mutation point of a 7-step run on that back end, without repeats until all were
+  used).
+
+``uris`` may list a store more than once to weight it (the suite passes file, file, file, s3).
 
 Then, counted: verify's problems for the run (must be none), every step the log shows must
 restore, twice bit-identically, to the uninterrupted reference and to what the killed writer's
 encoder held (its ``saved`` events); a new Checkpointer must resume: its next save succeeds and
-restores to the reference, and verify is still clean.
+restores to the reference, and verify is still clean. Reported too (not targets): what the kill
+left behind that readers ignore, and a gc pass (grace 0) after the resume: verify still clean,
+restores unchanged, leftovers gone?
 """
 from __future__ import annotations
 
@@ -28,14 +33,18 @@ from .common import (
 OP_STEPS = 7  # steps of a writer killed at a store operation
 
 
-def count_ops(spawner, workdir: str, segment_size: int, flush_every: int, steps: int = OP_STEPS) -> list[tuple]:
-    """Every mutation (phase, op, kind) a writer makes saving ``steps`` steps into a new run
-    (one writer process, not killed)."""
-    d = os.path.join(workdir, f"calib-{segment_size}-{flush_every}")
-    shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d)
-    child = spawner.spawn({"uri": "file://" + os.path.join(d, "store"), "run": "calib", "segment_size": segment_size,
-                           "flush_every": flush_every, "steps": steps, "start": 0})
+def count_ops(spawner, workdir: str, uri: str, env: dict, segment_size: int, flush_every: int,
+              steps: int = OP_STEPS) -> list[tuple]:
+    """Every mutation (phase, op, kind) a writer makes saving ``steps`` steps into a new run on
+    ``uri``'s back end (one writer process, not killed). On a file:// URI a fresh directory is
+    used; the sequence differs between back ends (e.g. a local CAS is a write under a lock)."""
+    tag = f"calib-{segment_size}-{flush_every}"
+    if uri.startswith("file://"):
+        d = os.path.join(workdir, tag)
+        shutil.rmtree(d, ignore_errors=True)
+        uri = "file://" + d
+    child = spawner.spawn({"uri": uri, "run": tag, "segment_size": segment_size, "flush_every": flush_every,
+                           "steps": steps, "start": 0}, env)
     if child.wait(120) != 0:
         raise RuntimeError(f"calibration writer failed: {child.log_tail()}")
     return [tuple(line.split()[2:5]) for line in child.lines() if line.startswith("b ")]
@@ -75,12 +84,31 @@ def leftovers(store, run: str) -> dict:
     commits = [seq_of_commit_key(i.rel) for i in objs if kind_of(i.rel) == "commit"]
     out = {"commit records a page also holds": sum(1 for s in commits if s in sealed)}
     if store.loc.is_local:
-        out["tmp files"] = len(local_tmp_files(os.path.join(store.root, run)))
+        tmp = local_tmp_files(os.path.join(store.root, run))
+        out["tmp files"] = len(tmp)
+        out["tmp bytes"] = sum(os.path.getsize(p) for p in tmp)
+    return out
+
+
+def _gc_check(store, run: str, steps: list[int], want: dict[int, str]) -> dict:
+    """gc with no grace period once the writers are gone: what the kill left must go, and
+    nothing committed may change (not a target; reported)."""
+    from ...ledger.gc import collect
+
+    try:
+        rep = collect(store, run, grace_s=0.0)
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}"}
+    got, bad = restore_all(store, run, "main", steps)
+    problems = verify_problems(store, run)
+    out = {"deleted": dict(rep.deleted), "problems": problems, "restore_errors": bad,
+           "changed": [s for s in steps if got.get(s) != want.get(s)], "leftovers": leftovers(store, run)}
+    out["ok"] = not problems and not bad and not out["changed"]
     return out
 
 
 def kill_round(i: int, rng: random.Random, uri: str, spawner, ref: Reference, env: dict, mode: str, cfg: dict,
-               kill_at=None, max_delay_s: float = 1.2) -> dict:
+               kill_at=None, max_delay_s: float = 1.0) -> dict:
     from ...checkpoint.checkpointer import Checkpointer
     from ...store.store import open_store
 
@@ -92,7 +120,7 @@ def kill_round(i: int, rng: random.Random, uri: str, spawner, ref: Reference, en
         args.update(steps=ref.steps - 2)
     t0 = time.monotonic()
     child = spawner.spawn(args, env)
-    res = {"round": i, "uri": uri.split("?")[0], "run": run, "mode": mode, **cfg}
+    res = {"round": i, "uri": uri.split("?")[0], "run": run, "mode": mode, **cfg, "kill_at": kill_at}
     if not child.wait_for("ready", 120):
         res.update(error=f"writer never got ready: {child.log_tail()}")
         return res
@@ -139,6 +167,7 @@ def kill_round(i: int, rng: random.Random, uri: str, spawner, ref: Reference, en
                    and all(got[s] == first.get(s) for s in steps) and not problems2)
         res.update(resumed=resumed, resume_problems=problems2, resume_restore_errors=bad,
                    resume_steps_ok=after == steps + [nxt])
+        res["gc"] = _gc_check(store, run, after, got)
     except Exception as exc:  # noqa: BLE001
         res.update(resumed=False, resume_error=f"{type(exc).__name__}: {one_line(exc)}")
     res["secs"] = round(time.monotonic() - t0, 2)
@@ -146,16 +175,19 @@ def kill_round(i: int, rng: random.Random, uri: str, spawner, ref: Reference, en
 
 
 def run(uris: list[str], rounds: int, spawner, workdir: str, env: dict, seed: int = 1, log=print,
-        max_delay_s: float = 1.2, ref: Reference | None = None) -> dict:
+        max_delay_s: float = 1.0, ref: Reference | None = None) -> dict:
     rng = random.Random(seed)
-    ref = ref or Reference(workdir, 80)
+    ref = ref or Reference(workdir, 120)
     configs = [{"segment_size": s, "flush_every": f} for s in (2, 3) for f in (1, 2, 3)]
     points: dict[tuple, list] = {}
-    for cfg in configs:
-        ops = count_ops(spawner, workdir, cfg["segment_size"], cfg["flush_every"])
-        pts = [(k, w) for k in range(1, len(ops) + 1) for w in ("before", "after")]
-        rng.shuffle(pts)
-        points[(cfg["segment_size"], cfg["flush_every"])] = [pts, ops]
+    for bi, uri in enumerate(uris):
+        if any(uris[j].split("?")[0] == uri.split("?")[0] for j in range(bi)):
+            continue  # the same store listed twice (a weight): calibrated once
+        for cfg in configs:
+            ops = count_ops(spawner, workdir, uri, env, cfg["segment_size"], cfg["flush_every"])
+            pts = [(k, w) for k in range(1, len(ops) + 1) for w in ("before", "after")]
+            rng.shuffle(pts)
+            points[(uri.split("?")[0], cfg["segment_size"], cfg["flush_every"])] = [pts, ops]
     combos = [(c, m, b) for c in range(len(configs)) for m in ("delay", "op") for b in range(len(uris))]
     rng.shuffle(combos)
     out = []
@@ -165,7 +197,7 @@ def run(uris: list[str], rounds: int, spawner, workdir: str, env: dict, seed: in
         cfg, uri = configs[ci], uris[bi]
         kill_at = None
         if mode == "op":
-            key = (cfg["segment_size"], cfg["flush_every"])
+            key = (uri.split("?")[0], cfg["segment_size"], cfg["flush_every"])
             pts = points[key][0]
             kill_at = pts[used.get(key, 0) % len(pts)]
             used[key] = used.get(key, 0) + 1
@@ -187,7 +219,9 @@ def summarize(rounds: list[dict]) -> dict:
     left: dict[str, int] = {}
     for r in rounds:
         for k, v in (r.get("leftovers") or {}).items():
-            left[k] = left.get(k, 0) + (1 if v else 0)
+            if k != "tmp bytes":
+                left[k] = left.get(k, 0) + (1 if v else 0)
+    left["tmp bytes (all rounds)"] = sum((r.get("leftovers") or {}).get("tmp bytes", 0) for r in rounds)
     s = {
         "rounds": n,
         "killed": sum(1 for r in rounds if r.get("killed")),
@@ -202,6 +236,9 @@ def summarize(rounds: list[dict]) -> dict:
         "resumed": sum(1 for r in rounds if r.get("resumed")),
         "committed_steps_total": sum(r.get("committed", 0) for r in rounds),
         "rounds_with_leftovers": left,
+        "gc_after_resume_ok": sum(1 for r in rounds if (r.get("gc") or {}).get("ok")),
+        "tmp_files_after_gc": sum(((r.get("gc") or {}).get("leftovers") or {}).get("tmp files", 0) for r in rounds),
+        "gc_failures": [{"round": r["round"], "run": r["run"], **r["gc"]} for r in rounds if r.get("gc") and not r["gc"]["ok"]],
         "failures": [r for r in rounds if r.get("partial", True) or not r.get("resumed")],
     }
     s["ok"] = s["partial"] == 0 and s["resumed"] == n and n > 0

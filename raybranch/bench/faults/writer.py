@@ -13,6 +13,7 @@ branch's head) for ``steps`` steps. It appends one event line per fact to ``even
     a <i>                               store mutation i returned
     saved <step> <recon digest> <open>  save() returned; <open> saves are not committed yet
     epoch <n>                           registered as the branch's writer with epoch n
+    warning <Category> <message>        a warning (e.g. a seal that failed after its commit)
     error <Type> <message>              the save (or acquire) raised
     done
 
@@ -90,6 +91,11 @@ def run(args: dict) -> int:
     from .common import Trainer, ckpt_kwargs, writer_recon_digest
 
     ev = Events(args["events"])
+    import warnings
+
+    def show(message, category, *_a, **_k) -> None:
+        ev("warning", category.__name__, str(message).replace("\n", "\\n"))
+    warnings.showwarning = show
     store = open_store(args["uri"])
     tap = Tap(store, ev, args.get("kill_at"))
     pages.seal_page = tap.in_phase("seal", pages.seal_page)
@@ -180,6 +186,10 @@ def serve() -> int:
                     sys.stdout = os.fdopen(1, "w", buffering=1)
                     sys.stderr = os.fdopen(2, "w", buffering=1)
                     os.environ.update(req.get("env") or {})
+                    if req.get("fsize") is not None:
+                        from .common import fsize_limit
+
+                        fsize_limit(req["fsize"])()
                     code = run(req["spawn"])
                 except BaseException:  # noqa: BLE001 - a writer's crash is its exit status
                     traceback.print_exc()
