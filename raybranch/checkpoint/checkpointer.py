@@ -357,7 +357,16 @@ class Checkpointer:
         self._lapsed = None
         lin = Lineage(self.store, self.run, log=self._writer.log)
         if lin.head_step is not None:
-            acc, exact, layout, last = self.reader.recon(lin, lin.head_step)
+            for attempt in range(8):  # the writer we fenced may still be sealing a page: read again
+                try:
+                    acc, exact, layout, last = self.reader.recon(lin, lin.head_step)
+                    break
+                except NotFoundError:
+                    if attempt == 7:
+                        raise
+                    self._writer.log.open()
+                    self.reader = Reader(self.store, self.run)
+                    lin = Lineage(self.store, self.run, log=self._writer.log)
             flats = {g: torch.from_numpy(a) for g, a in acc.items()}
             self._reset_encoders(layout, flats)
             self._layout_hash = last["layout"]

@@ -34,7 +34,7 @@ def _cmd_gc(args) -> int:
         d = rep.deleted
         verb = "would free" if args.dry_run else "freed"
         print(f"{run}: {verb} {rep.freed_bytes} bytes ({d['blobs']} blobs, {d['layouts']} layouts, {d['pages']} pages, "
-              f"{d['commits']} commit records, {d['branches']} dead branches); {rep.thinned_steps} steps thinned by retention; "
+              f"{d['commits']} commit records, {d['branches']} dead branches, {d['temporaries']} temporaries); {rep.thinned_steps} steps thinned by retention; "
               f"{rep.kept_young} unreferenced objects younger than {args.grace_s:g} s kept")
     if args.json:
         print(json.dumps(total))

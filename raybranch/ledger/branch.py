@@ -58,14 +58,27 @@ class BranchLog:
         self._pages: OrderedDict[tuple[int, int], dict] = OrderedDict()
 
     # -- opening ------------------------------------------------------------------------------
-    def open(self) -> "BranchLog":
+    def open(self, attempts: int = 8) -> "BranchLog":
+        """Load the head (see the module docstring). A commit record that vanishes between the
+        LIST and its GET was sealed into a page meanwhile: read again."""
+        for i in range(attempts):
+            try:
+                return self._open()
+            except NotFoundError:
+                if i == attempts - 1:
+                    raise
+        return self
+
+    def _open(self) -> "BranchLog":
         self._commits.clear()
+        self._pages.clear()
         top = self._read_top()
         self.pages = [PageInfo(*row) for row in top["pages"]] if top else []
         self.sealed_through = self.pages[-1].last_seq if self.pages else -1
         start = commit_key(self.run, self.bid, self.sealed_through - 1) if self.sealed_through >= 1 else commits_dir(self.run, self.bid) + "/"
         seqs = sorted(s for s in (seq_of_commit_key(i.rel) for i in self.store.list_after(commits_dir(self.run, self.bid), start)) if s is not None)
-        if (seqs and seqs[0] > self.sealed_through + 1) or (not seqs and self.sealed_through < 0):
+        gap = seqs and (seqs[0] > self.sealed_through + 1 or any(b - a > 1 for a, b in zip(seqs, seqs[1:])))
+        if gap or (not seqs and self.sealed_through < 0):  # top.json lags the pages
             self._find_pages_after_top()
         self.tail_seqs = [s for s in seqs if s > self.sealed_through]
         if seqs and seqs[-1] >= self.sealed_through:
@@ -271,7 +284,7 @@ class BranchWriter:
         }
         doc = stored({
             "format": COMMIT_FORMAT, "run": self.run, "branch_id": self.bid, "seq": seq, "parent": head["checksum"],
-            "epoch": self.epoch, "writer": self.writer_id, "world_size": world_size, "kind": kind,
+            "epoch": self.epoch, "parent_epoch": head["epoch"], "writer": self.writer_id, "world_size": world_size, "kind": kind,
             "fork": head.get("fork"), "page_size": head["page_size"], "parts": parts, "steps": steps,
             "tail": tail, "totals": totals, "slices": sorted(set(head.get("slices", [])) | set(slices or [])),
             "time": round(time.time(), 3),

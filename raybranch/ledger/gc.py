@@ -9,7 +9,7 @@ One pass over a run (``raybranch gc``):
 3. everything a kept branch's newest page generations and commit records name (blobs,
    layouts) is *referenced*;
 4. deleted: the directories of branches that are not kept, superseded page generations, commit
-   records a page already holds (never a branch's newest), and blobs and layouts nothing
+   records a page already holds (never a branch's newest, never a takeover's), and blobs and layouts nothing
    references — each only when its modification time is older than the grace period.
 
 Safe against a concurrent writer: a writer writes its blobs (or refreshes an existing one's
@@ -27,6 +27,7 @@ from ..store.store import Store, decode_json
 from .records import (
     PAGE_FORMAT, branch_dir, commits_dir, expand_steps, pages_dir, parse_page_key, seq_of_commit_key, unseal,
 )
+from .pages import takeover
 from .refs import read_branch_ref
 
 GRACE_S = 3600.0
@@ -35,7 +36,7 @@ GRACE_S = 3600.0
 @dataclass
 class GcReport:
     freed_bytes: int = 0
-    deleted: dict[str, int] = field(default_factory=lambda: dict(blobs=0, layouts=0, pages=0, commits=0, branches=0))
+    deleted: dict[str, int] = field(default_factory=lambda: dict(blobs=0, layouts=0, pages=0, commits=0, branches=0, temporaries=0))
     kept_young: int = 0
     thinned_steps: int = 0
 
@@ -98,6 +99,8 @@ def collect(store: Store, run: str, grace_s: float = GRACE_S, dry_run: bool = Fa
     for info in store.list(f"{run}/layouts"):
         if info.base_name.removesuffix(".json") not in layouts:
             drop(info, "layouts")
+    for info in store.temporaries(run):  # left by a writer killed mid-write (local disk only)
+        drop(info, "temporaries")
     return rep
 
 
@@ -123,20 +126,21 @@ def _scan_branch(store, run, bid, infos, referenced: set, layouts: set, drop) ->
         parsed = parse_page_key(i.rel)
         if parsed:
             pages.setdefault(parsed[:2], []).append((parsed[2], i))
-    sealed = set()
+    sealed: dict[int, dict] = {}  # seq → the commit header its page holds
     for (a, b), gens in pages.items():
         gens.sort(key=lambda g: g[0])
         for _, i in gens[:-1]:
             drop(i, "pages")
         doc = expand_steps(unseal(decode_json(gens[-1][1].rel, store.read_bytes(gens[-1][1].rel), True), gens[-1][1].rel, PAGE_FORMAT))
-        sealed.update(range(a, b + 1))
+        sealed.update((h["seq"], h) for h in doc["commits"])
         _refs(doc["steps"], referenced, layouts)
     prefix = commits_dir(run, bid) + "/"
     records = sorted((seq_of_commit_key(i.rel), i) for i in infos if i.rel.startswith(prefix) and seq_of_commit_key(i.rel) is not None)
     newest = records[-1][0] if records else None
     for seq, i in records:
         if seq in sealed and seq != newest:
-            drop(i, "commits")
+            if not takeover(sealed[seq]):  # a takeover's record keeps stale writers refused
+                drop(i, "commits")
         elif seq not in sealed:
             doc = expand_steps(decode_json(i.rel, store.read_bytes(i.rel), False))
             _refs([{**e, "parts": doc["parts"]} for e in doc["steps"]], referenced, layouts)

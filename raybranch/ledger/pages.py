@@ -8,7 +8,8 @@ Order (each step is safe to crash after):
 3. ``top.json`` is rewritten with the page added (merged with what it holds: a newer page
    generation written by retention is never lost);
 4. the page's commit records are deleted, except its last one (the head, when sealing runs right
-   after the commit that completes the page); the previous page's last record goes now;
+   after the commit that completes the page) and any *takeover* (the first commit of a newer
+   writer epoch, :func:`takeover`); the previous page's last record goes now;
 5. the blobs the rewrite replaced are deleted.
 
 A crash before 2 leaves an unreferenced blob (gc frees it); between 2 and 4, commit records that
@@ -73,16 +74,25 @@ def seal_page(store: Store, log: BranchLog, a: int, b: int, rewrite=None) -> dic
     log.pages = [p for p in log.pages if p.first_seq != a] + [page_info(doc)]
     log.sealed_through = max(log.sealed_through, b)
     write_top(store, log)
-    for s in [a - 1] if a > 0 else []:
-        store.delete(commit_key(run, bid, s))
-    for s in range(a, b):
-        store.delete(commit_key(run, bid, s))
+    prev = [log.page(a - (b - a + 1), a - 1)["commits"][-1]] if a > 0 else []
+    for c in prev + commits[:-1]:
+        if not takeover(c):  # a takeover's record stays: the key a stale writer would create next
+            store.delete(commit_key(run, bid, c["seq"]))
     log.tail_seqs = [s for s in log.tail_seqs if s > b]
     if created and new_parts is not None:
         keep = {p["blob"][0] for p in new_parts}
         for h in sorted(old_blobs - keep):
             store.delete(blob_key(run, h))
     return doc
+
+
+def takeover(commit: dict) -> bool:
+    """True for the first commit of a newer writer epoch (a fence): its record is never deleted.
+
+    A stale writer always tries to create the commit right after its own last one, and that
+    commit is the fence of the writer that took over; keeping it keeps the stale writer refused
+    however long it slept, while the records in between go to their page."""
+    return commit.get("parent_epoch") is not None and commit["epoch"] != commit["parent_epoch"]
 
 
 def write_top(store: Store, log: BranchLog) -> None:

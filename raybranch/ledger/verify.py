@@ -129,7 +129,11 @@ def _verify_branch(store: Store, run: str, bid: str, rep: Report, referenced: di
         if seq is None:
             continue
         doc = _doc(store, info.rel, COMMIT_FORMAT, rep)
-        if doc is None or seq in headers:
+        if doc is None:
+            continue
+        if seq in headers:  # a record its page also holds: they must be the same commit
+            if doc["checksum"] != headers[seq]["checksum"]:
+                rep.problems.append(f"commit record {info.rel} contradicts its page (a commit made after the page was sealed)")
             continue
         if doc["seq"] != seq:
             rep.problems.append(f"commit {info.rel} holds seq {doc['seq']}")

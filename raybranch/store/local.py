@@ -139,6 +139,20 @@ class LocalBackend:
         except OSError as exc:
             raise StoreError(f"cannot delete {rel}: {one_line(exc)}") from None
 
+    def temporaries(self, rel_dir: str) -> list[ObjInfo]:
+        """Temporary files a killed writer left under ``rel_dir`` (gc deletes the old ones)."""
+        out = []
+        for d, _, files in os.walk(self._p(rel_dir)):
+            for f in files:
+                if TMP_MARK in f:
+                    path = os.path.join(d, f)
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        continue
+                    out.append(ObjInfo(os.path.relpath(path, self.root), st.st_size, st.st_mtime, self.root))
+        return out
+
     def prune(self, rel_dir: str) -> None:
         """Remove empty directories under and including ``rel_dir`` (never the root)."""
         top = self._p(rel_dir)

@@ -2,7 +2,7 @@
 
 * ``create`` is a PUT with ``If-None-Match: *``: the server refuses (412) when the key exists.
 * ``cas`` is a PUT with ``If-Match: <etag>`` (or ``If-None-Match: *`` to create).
-* Every request is retried with exponential backoff (0.1 s doubling to 5 s) while the server is
+* Every request is retried with exponential backoff (0.1 s doubling to 2 s) while the server is
   unreachable or answers 5xx/429, until ``retry_deadline`` seconds have passed; then a
   :class:`StoreError` names the operation. A conditional PUT whose first attempt may have landed
   and whose retry is refused (412) is resolved by reading the object back: the same bytes mean
@@ -32,15 +32,24 @@ class S3Backend:
         self.root = f"{bucket}/{self.prefix}".rstrip("/")
         self.stats = stats
         self.retry_deadline = retry_deadline
+        # one attempt per call (our loop retries), and no attempt may outlast the deadline: a hung
+        # server (it accepts connections and never answers) then fails within about 2 × deadline
+        bound = max(0.5, retry_deadline)
         cfg = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            connect_timeout=client_kwargs.pop("connect_timeout", 3.0),
-            read_timeout=client_kwargs.pop("read_timeout", 30.0),
-            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=min(client_kwargs.pop("connect_timeout", 3.0), bound),
+            read_timeout=min(client_kwargs.pop("read_timeout", 30.0), bound),
+            retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=32,
         )
         self.client = boto3.session.Session().client("s3", config=cfg, **client_kwargs)
+        try:  # no "Expect: 100-continue" wait before each PUT body (a round trip, or 1 s on a hung server)
+            from botocore.handlers import add_expect_header
+
+            self.client.meta.events.unregister("before-call.s3.PutObject", add_expect_header)
+        except ImportError:
+            pass
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._ClientError, self._BotoCoreError = ClientError, BotoCoreError
@@ -73,7 +82,7 @@ class S3Backend:
                                  f"{budget:g} s: {one_line(err)}") from None
             self.stats.add("retries")
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
 
     # -- operations ---------------------------------------------------------------------------
     def read_tagged(self, rel: str) -> tuple[bytes, str]:
@@ -131,6 +140,10 @@ class S3Backend:
         except self._ClientError as exc:
             if _code(exc) not in ("NoSuchKey", "404"):
                 raise StoreError(f"cannot delete {rel}: {one_line(exc)}") from None
+
+    def temporaries(self, rel_dir: str) -> list[ObjInfo]:
+        """An S3 PUT is atomic: nothing half-written is ever left."""
+        return []
 
     def prune(self, rel_dir: str) -> None:
         """S3 has no directories."""

@@ -104,6 +104,9 @@ class Store:
     def delete(self, rel: str) -> None:
         self.backend.delete(rel)
 
+    def temporaries(self, rel_dir: str) -> list[ObjInfo]:
+        return self.backend.temporaries(rel_dir)
+
     def prune(self, rel_dir: str) -> None:
         """Drop empty directories left under ``rel_dir`` by deletes (local disk only)."""
         self.backend.prune(rel_dir)
