@@ -25,7 +25,7 @@ def forkserver(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return common.Reference(str(tmp_path_factory.mktemp("reference")), 30)
+    return common.Reference(str(tmp_path_factory.mktemp("reference")), 90)  # long enough that a kill within 0.5 s lands mid-run
 
 
 def _point(ops: list[tuple], phase: str, op: str, kind: str, nth: int = 0) -> int:
