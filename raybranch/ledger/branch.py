@@ -20,14 +20,13 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..errors import ConflictError, CorruptBlobError, FencedError, NotFoundError
+from ..errors import ConflictError, FencedError, NotFoundError
 from ..store.store import Store, decode_json, json_bytes
 from .records import (
     COMMIT_FORMAT, PAGE_FORMAT, TOP_FORMAT, commit_key, commits_dir, expand_steps, page_bounds, page_key, pages_dir,
     parse_page_key, seq_of_commit_key, stored, top_key, unseal,
 )
 
-STEP_KEYS_ADDED = ("seq", "parts", "branch_id")  # what a resolved entry carries beyond the committed one
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class BranchLog:
             self.head = self.commit(seqs[-1])
         elif self.sealed_through >= 0:
             last = self.pages[-1]
-            self.head = self.page(last.first_seq, last.last_seq)["commits"][-1] | {"steps": [], "_sealed": True}
+            self.head = self.page(last.first_seq, last.last_seq)["commits"][-1] | {"steps": []}
         else:
             raise NotFoundError(f"branch {self.name!r} of run {self.run!r} has no commits in {self.store.uri}")
         return self
@@ -142,8 +141,9 @@ class BranchLog:
         return self._newest_gen(first, last)
 
     def _newest_gen(self, first: int, last: int) -> int:
-        prefix = page_key(self.run, self.bid, first, last, 0)[: -len("000.json.zst")]
-        gens = [parse_page_key(i.rel)[2] for i in self.store.list_after(pages_dir(self.run, self.bid), prefix[:-2]) if i.rel.startswith(prefix)]
+        prefix = page_key(self.run, self.bid, first, last, 0)[: -len("000.json.zst")]  # …/<first>-<last>.g
+        after = prefix[: -len(".g")]  # sorts just before every generation of this page
+        gens = [parse_page_key(i.rel)[2] for i in self.store.list_after(pages_dir(self.run, self.bid), after) if i.rel.startswith(prefix)]
         if not gens:
             raise NotFoundError(f"page {first}-{last} of branch {self.name!r} of run {self.run!r} is missing")
         return max(gens)
