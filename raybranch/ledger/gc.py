@@ -115,7 +115,7 @@ def _fork_source(store: Store, run: str, bid: str) -> str | None:
         pass
     for info in store.list(pages_dir(run, bid)):
         if info.base_name.startswith("000000000000-"):
-            doc = decode_json(info.rel, store.read_bytes(info.rel), True)
+            doc = expand_steps(decode_json(info.rel, store.read_bytes(info.rel), True))
             return (doc["commits"][0].get("fork") or {}).get("branch_id")
     return None
 

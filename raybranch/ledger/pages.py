@@ -56,7 +56,10 @@ def seal_page(store: Store, log: BranchLog, a: int, b: int, rewrite=None) -> dic
     new_parts = rewrite(store, run, bid, steps) if (rewrite is not None and steps) else None
     if new_parts is not None:
         steps = [{**e, "parts": new_parts} for e in steps]
-    headers = [{k: v for k, v in c.items() if k not in ("steps", "common")} | {"n_steps": len(c["steps"])} for c in commits]
+    # a header keeps what the chain needs (seq, parent, epochs, checksum, totals); not its step
+    # ranges ("tail", which the page now holds) nor its parts (the steps name where their rows are)
+    headers = [{k: v for k, v in c.items() if k not in ("steps", "common", "tail", "parts")} | {"n_steps": len(c["steps"])}
+               for c in commits]
     blobs = {p["blob"][0]: p["blob"][1] for e in steps for p in e["parts"]}
     doc = stored({"format": PAGE_FORMAT, "run": run, "branch_id": bid, "first_seq": a, "last_seq": b, "gen": 0,
                   "commits": headers, "steps": steps, "bytes": sum(blobs.values()), "time": round(time.time(), 3)})

@@ -119,7 +119,7 @@ def page_bounds(seq: int, page_size: int) -> tuple[int, int]:
     return first, first + page_size - 1
 
 
-def compact_steps(steps: list[dict]) -> tuple[dict, list[dict]]:
+def compact_steps(steps: list[dict], keep: str = "step") -> tuple[dict, list[dict]]:
     """(common, rest): the fields every entry shares with the same value, and what differs.
 
     Commits and pages store their step entries this way (``"common"`` beside ``"steps"``), so a
@@ -127,19 +127,26 @@ def compact_steps(steps: list[dict]) -> tuple[dict, list[dict]]:
     if len(steps) < 2:
         return {}, steps
     first = steps[0]
-    common = {k: v for k, v in first.items() if k != "step" and all(k in e and e[k] == v for e in steps[1:])}
+    common = {k: v for k, v in first.items() if k != keep and all(k in e and e[k] == v for e in steps[1:])}
     return common, [{k: v for k, v in e.items() if k not in common} for e in steps]
 
 
 def expand_steps(doc: dict) -> dict:
-    """A stored commit or page with its step entries whole again (see :func:`compact_steps`)."""
-    common = doc.get("common") or {}
-    if not common:
+    """A stored commit or page with its step entries (and a page's commit headers) whole again
+    (see :func:`compact_steps`)."""
+    common, shared = doc.get("common") or {}, doc.get("commits_common") or {}
+    if not common and not shared:
         return doc
-    return {**doc, "steps": [{**common, **e} for e in doc["steps"]], "common": {}}
+    out = {**doc, "steps": [{**common, **e} for e in doc["steps"]], "common": {}}
+    if shared:
+        out["commits"], out["commits_common"] = [{**shared, **h} for h in doc["commits"]], {}
+    return out
 
 
 def stored(doc: dict) -> dict:
-    """The form a commit or page is written in: entries compacted, then sealed."""
+    """The form a commit or page is written in: entries (and a page's headers) compacted, then sealed."""
     common, rest = compact_steps(doc["steps"])
-    return seal({**{k: v for k, v in doc.items() if k != "checksum"}, "common": common, "steps": rest})
+    out = {**{k: v for k, v in doc.items() if k != "checksum"}, "common": common, "steps": rest}
+    if "commits" in doc:
+        out["commits_common"], out["commits"] = compact_steps(doc["commits"], keep="seq")
+    return seal(out)
