@@ -23,7 +23,7 @@ def _cmd_log(args) -> int:
         raise _not_found(f"run {args.run!r} has no checkpoints in {store.uri}")
     records = []
     for b in branches:  # an unknown branch: NotFoundError naming the run's branches
-        records += branch_log(Lineage(store, args.run, b))
+        records += branch_log(Lineage(store, args.run, b), tail=args.tail)
     if args.json:
         json.dump(records, sys.stdout, indent=1)
         print()
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", required=True, help="store URI: file:///path or s3://bucket/prefix?endpoint_override=...")
     s.add_argument("--run", required=True)
     s.add_argument("--branch", help="only this branch (default: all)")
+    s.add_argument("--tail", type=int, metavar="N", help="only the newest N checkpoints of each branch (a few reads, whatever its length)")
     s.add_argument("--json", action="store_true", help="print JSON records")
     s.set_defaults(fn=_cmd_log)
 

@@ -80,6 +80,9 @@ def test_log_table_and_json(populated_both):
     assert all(r["bytes"] > 0 for r in main_recs) and main_recs[9]["tags"] == ["slice-end:1"]
     table = cli("log", "--store", uri, "--run", "exp1", "--branch", "clean").stdout.splitlines()
     assert len(table) == 2 and table[1].split()[:4] == ["clean", "5", "fork", "main/5"]
+    # --tail N: the newest N records, as the full log has them (crossing into a sealed page)
+    tail = json.loads(cli("log", "--store", uri, "--run", "exp1", "--branch", "main", "--tail", "4", "--json").stdout)
+    assert tail == main_recs[-4:]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
