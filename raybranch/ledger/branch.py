@@ -287,6 +287,7 @@ class BranchWriter:
             "epoch": self.epoch, "parent_epoch": head["epoch"], "writer": self.writer_id, "world_size": world_size, "kind": kind,
             "fork": head.get("fork"), "page_size": head["page_size"], "parts": parts, "steps": steps,
             "tail": tail, "totals": totals, "slices": sorted(set(head.get("slices", [])) | set(slices or [])),
+            "tags": {**head.get("tags", {}), **{t: e["step"] for e in steps for t in e.get("tags", [])}},
             "time": round(time.time(), 3),
         })
         data = json_bytes(doc)

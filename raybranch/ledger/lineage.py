@@ -35,7 +35,7 @@ def create_branch(store: Store, run: str, name: str, fork: dict | None = None, p
     root = stored({
         "format": COMMIT_FORMAT, "run": run, "branch_id": bid, "seq": 0, "parent": None, "epoch": 1, "writer": writer_id,
         "world_size": 1, "kind": "fork" if fork else "root", "fork": fork, "page_size": int(page_size), "parts": [],
-        "steps": [], "tail": [], "slices": [], "time": now,
+        "steps": [], "tail": [], "slices": [], "tags": {}, "time": now,
         "totals": {"commits": 1, "steps": 0, "bytes": 0, "first_step": None, "own_last_step": None,
                    "last_step": None if fork is None else fork["step"]},
     })

@@ -91,3 +91,15 @@ def test_registration_race_newest_wins(store):
         with pytest.raises(FencedError):
             w.commit(_steps(0, 1), [])
     ws[-1].commit(_steps(0, 1), [])
+
+
+def test_head_commit_carries_what_a_listing_needs(store, uri):
+    w = create_branch(store, "r", "main")
+    w.commit([{"step": 0, "kind": "snapshot", "tags": ["branch-point"]}], [{"name": "0", "blob": ["a" * 64, 100]}])
+    w.commit([{"step": s, "kind": "delta", "tags": ["slice-end:1"] if s == 4 else []} for s in range(1, 6)],
+             [{"name": "0", "blob": ["b" * 64, 50]}], slices=[1])
+    fresh = open_store(uri)
+    head = Lineage(fresh, "r", "main").log.head
+    assert fresh.stats.reads <= 6
+    assert head["totals"]["steps"] == 6 and head["totals"]["bytes"] == 150 and head["totals"]["last_step"] == 5
+    assert head["slices"] == [1] and head["tags"] == {"branch-point": 0, "slice-end:1": 4}
