@@ -12,7 +12,7 @@ Columns::
     table    list<float32>  LC bucket tables [S × 2^bits], row-major (null unless kind = "lc")
     payload  large_binary   zstd stream (see raybranch.codec.streams)
 
-Schema metadata ``raybranch`` holds a small JSON header (format, run, branch). Nothing is pickled:
+Schema metadata ``raybranch`` holds a small JSON header (format, run, branch_id, the step or steps). Nothing is pickled:
 a reader needs Arrow, JSON and zstd only.
 """
 from __future__ import annotations
