@@ -11,7 +11,7 @@ previous reconstruction (:mod:`raybranch.codec.delta`); integer buffers, tensors
 stored losslessly, and only when they changed. The first checkpoint of a branch is an exact
 snapshot; later snapshots only when ``snapshot_every`` asks for them (a snapshot is a cache of a
 reconstruction the deltas already determine: it bounds restore time and costs ratio, see
-docs/DESIGN.md).
+docs/DECISIONS.md).
 
 Each save is one commit of the branch's log (:mod:`raybranch.ledger`): the blob, then the commit
 record, created only if absent. The first save registers the Checkpointer as the branch's writer
