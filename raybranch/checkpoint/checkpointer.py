@@ -94,6 +94,7 @@ class Checkpointer:
         self._head: dict | None = None  # the head step's entry
         self._loaded = False
         self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
+        self._new_layouts: dict[str, bytes] = {}  # layouts the open group names that no commit of ours has yet
         self._fenced: str | None = None  # why this writer was fenced (it stays so until acquire())
         self._lapsed: tuple | None = None  # (epoch, writer id, branch id) held before a failed commit
         self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
@@ -159,7 +160,7 @@ class Checkpointer:
 
         writer = self._writer
         if layout_hash != self._layout_hash:
-            self.store.create(layout_key(self.run, layout_hash), layout_bytes)
+            self._new_layouts[layout_hash] = layout_bytes  # written with the group that first names it
         entry = {
             "step": step,
             "kind": "snapshot" if is_snapshot else "delta",
@@ -251,6 +252,9 @@ class Checkpointer:
         steps = [e["step"] for e, _ in group]
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
         try:
+            for h, doc in self._new_layouts.items():  # right before the commit, like the blob: gc's grace covers both
+                if not self.store.create(layout_key(self.run, h), doc):
+                    self.store.touch(layout_key(self.run, h))
             rows = [r for _, rs in group for r in rs]
             blob = write_blob(rows, {"run": self.run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]]})
             h, size = self.store.put_blob(self.run, blob)
@@ -260,10 +264,12 @@ class Checkpointer:
         except RaybranchError as exc:
             self._lapsed = (writer.epoch, writer.writer_id, writer.bid)
             self._loaded, self._writer, self._head = False, None, None
+            self._new_layouts.clear()  # the reload from the last commit names its own
             if isinstance(exc, FencedError):  # stays fenced: only acquire() takes the branch back
                 self._fenced = f"{span} of branch {self.branch!r} not committed: {exc}"
                 raise FencedError(self._fenced) from None
             raise type(exc)(f"{span} of branch {self.branch!r} not committed: {exc}") from None
+        self._new_layouts.clear()
         try:  # the commit stands; a seal cut short (store error) is finished by the next commit
             self.sealer.seal_due(writer)
         except RaybranchError as exc:

@@ -12,9 +12,9 @@ One pass over a run (``raybranch gc``):
    records a page already holds (never a branch's newest, never a takeover's), and blobs and layouts nothing
    references — each only when its modification time is older than the grace period.
 
-Safe against a concurrent writer: a writer writes its blobs (or refreshes an existing one's
-time, :meth:`raybranch.store.store.Store.put_blob`) before the commit that names them, and commits
-within seconds, so an object that an in-flight commit will reference is younger than the grace
+Safe against a concurrent writer: a writer writes its blobs and new layouts (or refreshes an
+existing one's time, :meth:`raybranch.store.store.Store.put_blob`) right before the commit that
+names them, and commits within seconds, so an object that an in-flight commit will reference is younger than the grace
 period (default one hour) and stays. Use a grace period longer than any commit can take.
 """
 from __future__ import annotations
