@@ -243,7 +243,6 @@ class BranchWriter:
     def __init__(self, log: BranchLog, epoch: int, writer_id: str):
         self.log, self.epoch, self.writer_id = log, epoch, writer_id
         self.store, self.run, self.bid = log.store, log.run, log.bid
-        self.sealer = None  # set by raybranch.ledger.pages.Sealer
         self.commit_bytes = 0  # bytes of commit records written (metadata cost)
 
     @classmethod
@@ -305,6 +304,4 @@ class BranchWriter:
         log.head = doc
         log._commits[seq] = doc
         log.tail_seqs.append(seq)
-        if self.sealer is not None and seq == page_bounds(seq, head["page_size"])[1]:
-            self.sealer.seal_due(self)
         return doc

@@ -27,7 +27,7 @@ from .records import PAGE_FORMAT, TOP_FORMAT, blob_key, commit_key, expand_steps
 
 
 class Sealer:
-    """Seals a writer's complete pages right after the commit that completes them.
+    """Seals a writer's complete pages: call :meth:`seal_due` after a commit (the Checkpointer does).
 
     ``rewrite(store, run, bid, entries) -> parts | None`` may write the page's steps as one new
     blob (compaction) and return its parts; None keeps every commit's own blobs.

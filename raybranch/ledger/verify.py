@@ -70,11 +70,11 @@ def verify_run(store: Store, run: str, rep: Report) -> None:
         objs = store.list(f"{run}/branches/{bid}", recursive=True)
         if not objs:
             continue  # an emptied directory (a branch gc deleted)
-        if bid not in named and not any(seq_of_commit_key(i.rel) == 0 for i in objs) and not store.list(pages_dir(run, bid)):
+        if bid not in named and not any(seq_of_commit_key(i.rel) == 0 or parse_page_key(i.rel) for i in objs):
             rep.counts["orphans"] += 1  # a creation cut short before its commit 0: garbage for gc, not damage
             continue
         rep.counts["branches"] += 1
-        steps_of[bid] = _verify_branch(store, run, bid, rep, referenced, layouts)
+        steps_of[bid] = _verify_branch(store, run, bid, objs, rep, referenced, layouts)
     try:
         for name, target in list_links(store, run).items():
             if target["step"] not in steps_of.get(target["branch_id"], set()):
@@ -103,19 +103,19 @@ def verify_run(store: Store, run: str, rep: Report) -> None:
             rep.problems.append(str(exc))
 
 
-def _verify_branch(store: Store, run: str, bid: str, rep: Report, referenced: dict, layouts: set) -> set[int]:
+def _verify_branch(store: Store, run: str, bid: str, objs: list, rep: Report, referenced: dict, layouts: set) -> set[int]:
+    """``objs``: every object under the branch's directory, as listed once by the caller."""
     _doc(store, branch_doc_key(run, bid), BRANCH_FORMAT, rep)
     headers: dict[int, dict] = {}
     steps: list[tuple[int, dict]] = []
     pages: dict[tuple[int, int], int] = {}
-    for info in store.list(pages_dir(run, bid)):
+    page_objs = [i for i in objs if i.rel.startswith(pages_dir(run, bid) + "/") and parse_page_key(i.rel)]
+    for info in page_objs:
+        a, b, g = parse_page_key(info.rel)
+        pages[(a, b)] = max(g, pages.get((a, b), -1))
+    for info in page_objs:
         parsed = parse_page_key(info.rel)
-        if parsed:
-            a, b, g = parsed
-            pages[(a, b)] = max(g, pages.get((a, b), -1))
-    for info in store.list(pages_dir(run, bid)):
-        parsed = parse_page_key(info.rel)
-        if not parsed or pages[parsed[:2]] != parsed[2]:
+        if pages[parsed[:2]] != parsed[2]:
             continue  # a superseded generation: gc's to delete
         rep.counts["pages"] += 1
         doc = _doc(store, info.rel, PAGE_FORMAT, rep)
@@ -124,8 +124,8 @@ def _verify_branch(store: Store, run: str, bid: str, rep: Report, referenced: di
         for h in doc["commits"]:
             headers[h["seq"]] = h
         steps += [(e["seq"], e) for e in doc["steps"]]
-    for info in store.list(commits_dir(run, bid), recursive=True):
-        seq = seq_of_commit_key(info.rel)
+    for info in objs:
+        seq = seq_of_commit_key(info.rel) if info.rel.startswith(commits_dir(run, bid) + "/") else None
         if seq is None:
             continue
         doc = _doc(store, info.rel, COMMIT_FORMAT, rep)

@@ -44,11 +44,10 @@ def test_cas_moves_only_from_the_version_read(store):
 
 def test_commit_chain_groups_and_head(store, uri):
     w = create_branch(store, "r", "main", page_size=4)
-    w.sealer = Sealer()
-    w.commit(_steps(0, 1), [])
-    w.commit(_steps(1, 65), [])  # a 64-step group
-    for s in range(65, 75):
-        w.commit(_steps(s, s + 1), [])
+    sealer = Sealer()
+    for steps in [_steps(0, 1), _steps(1, 65)] + [_steps(s, s + 1) for s in range(65, 75)]:  # one 64-step group
+        w.commit(steps, [])
+        sealer.seal_due(w)
     lin = Lineage(open_store(uri), "r", "main")  # a fresh reader: nothing cached
     assert lin.head_step == 74 and lin.log.head_seq == 12
     assert [e["step"] for e in lin.all_entries()] == list(range(75))

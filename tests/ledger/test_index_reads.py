@@ -14,12 +14,13 @@ def test_reads_stay_bounded(request, backend, commits):
     uri = request.getfixturevalue(backend)
     store = open_store(uri)
     w = create_branch(store, "r", "main", page_size=64)
-    w.sealer = Sealer()
+    sealer = Sealer()
     step = 0
     for c in range(commits):
         n = 1 + c % 3  # groups of 1-3 steps
         w.commit([{"step": step + i, "kind": "delta", "tags": ["t"] if (step + i) % 500 == 0 else []} for i in range(n)],
                  [{"name": "0", "blob": [f"{c:064x}", 10]}])
+        sealer.seal_due(w)
         step += n
     rng = random.Random(0)
     for target in [0, step - 1, *rng.sample(range(step), 8)]:

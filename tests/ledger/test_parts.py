@@ -18,7 +18,7 @@ def test_multi_part_commits_resolve_compact_and_verify(file_uri):
     lh = hashlib.sha256(layout).hexdigest()
     store.create(layout_key("r", lh), layout)
     w = create_branch(store, "r", "main", page_size=4)
-    w.sealer = Sealer(compact_rows)
+    sealer = Sealer(compact_rows)
     for s in range(6):  # each rank writes its own tensor's rows as its part; one commit names both
         parts = []
         for rank, name in enumerate("ab"):
@@ -26,6 +26,7 @@ def test_multi_part_commits_resolve_compact_and_verify(file_uri):
             h, size = store.put_blob("r", blob)
             parts.append({"name": str(rank), "blob": [h, size]})
         w.commit([{"step": s, "kind": "snapshot", "base": [w.bid, s], "layout": lh, "tags": [], "slices": []}], parts, world_size=2)
+        sealer.seal_due(w)
     lin = Lineage(open_store(file_uri), "r", "main")
     assert lin.log.head["world_size"] == 2
     sealed, loose = lin.entry(1), lin.entry(5)
