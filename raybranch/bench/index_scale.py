@@ -112,7 +112,7 @@ def build(store, n: int, flush_every: int, snapshot_every: int, segment_size: in
         _sgd_step(model, x, y, g)
         ck.save(step, model)
         if step in keep:  # the encoder's reconstruction at this step: what a restore must give back exactly
-            recons[step] = ck._encoders["model"].recon.clone()
+            recons[step] = ck._enc.encoders["model"].recon.clone()
         if progress and (step + 1) % every == 0:
             el = time.perf_counter() - t0
             _say(f"built {step + 1}/{n} in {el:.0f} s, ~{el / (step + 1) * (n - step - 1):.0f} s left")

@@ -37,10 +37,10 @@ def _train(steps: int, warmup: int, uri: str, with_optimizer: bool, max_pending:
     from ..checkpoint.checkpointer import Checkpointer
     from ..cluster.actor import AsyncCheckpointer
     from ..store.store import open_store
-    from .codec_bench import lenet_on_digits
+    from .codec.trajectory import setup
 
     torch.set_num_threads(1)
-    model, opt, train, _ = lenet_on_digits(seed)
+    model, opt, train, _ = setup("lenet5", seed)
     X, Y = train.images, train.labels
     g = torch.Generator().manual_seed(seed)
     ckpt = AsyncCheckpointer(uri, "bench", "main", max_pending=max_pending, batch=batch, **ckpt_kwargs)

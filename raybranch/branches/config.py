@@ -14,6 +14,7 @@ from ..errors import RaybranchError
 from ..poison import flip_labels, poison_backdoor, trigger_value
 
 MECHANISMS = ("lc", "lc+dlora")
+SLICE_END = ("exact", "lossy")
 LORA_MERGE = ("none", "slice-end")
 POISON_KINDS = ("backdoor", "flip", "none")
 BRANCH_KEYS = (
@@ -46,7 +47,8 @@ class ExperimentConfig:
     epochs: int = 30                   # per slice, at most
     patience: int = 6                  # epochs without a better validation accuracy (0: no early stopping)
     checkpoint_every: int = 1
-    settle: int = 2                    # extra checkpoints of the slice-end state (see train.loop)
+    slice_end: str = "exact"           # exact | lossy: slice-end checkpoints as exact key frames, or deltas like any step
+    settle: int = 0                    # superseded by slice_end="exact"; extra re-saves of the slice-end state (see train.loop)
     serve_snapshot: tuple[str, ...] = MECHANISMS  # mechanisms whose clean slice ends are exact snapshots
     poison: str = "backdoor"           # backdoor | flip | none
     poison_slice: int = 3              # 1-based; also the slice quarantined
@@ -54,15 +56,28 @@ class ExperimentConfig:
     poison_target: int = 0
     trigger_size: int = 6              # px of 28 (a 3 px patch is not learnt before early stopping)
     mechanisms: tuple[str, ...] = MECHANISMS
+    codec: str = "uniform"             # uniform (default) | lc (LC-checkpoint, the baseline)
+    residual: float = 0.9              # uniform: every restored step within this many step-updates of the trained one
     bits: int = 3
-    granularity: str = "global"
-    snapshot_every: int | None = None
+    granularity: str = "tensor"
+    snapshot_every: int | None = None  # deltas between exact key frames (None: the Checkpointer's default)
     segment_size: int = 64
     lora_pattern: str = "classifier"
     lora_rank: int = 8
     lora_scale: float = 0.5
     lora_merge: str = "none"           # none | slice-end (merge & re-initialise A, B)
     compare_lora_merge: bool = False   # also run main with the other merge policy, record both
+
+    def checkpointer_kwargs(self) -> dict:
+        """The Checkpointer settings every branch of the experiment uses."""
+        return dict(codec=self.codec, residual=self.residual, bits=self.bits, granularity=self.granularity,
+                    snapshot_every=self.snapshot_every, segment_size=self.segment_size,
+                    save_rng=False)  # batch order is seeded, not global RNG
+
+    def exact_slice_end(self, mech: str, branch: str) -> bool:
+        """Whether ``branch``'s slice ends are exact key frames (all of them with slice_end="exact";
+        otherwise the clean branch's of the ``serve_snapshot`` mechanisms, which are served)."""
+        return self.slice_end == "exact" or (mech in self.serve_snapshot and branch == "clean")
 
     def validate(self) -> None:
         fracs = split_spec(self.split)
@@ -77,6 +92,8 @@ class ExperimentConfig:
             raise RaybranchError(f"mechanisms and serve_snapshot must be subsets of {MECHANISMS} (mechanisms non-empty), got {list(self.mechanisms)}, {list(self.serve_snapshot)}")
         if self.patience < 0 or self.epochs < 1 or self.batch_size < 1:
             raise RaybranchError(f"epochs and batch_size must be ≥ 1 and patience ≥ 0, got {self.epochs}, {self.batch_size}, {self.patience}")
+        if self.slice_end not in SLICE_END:
+            raise RaybranchError(f"slice_end must be one of {SLICE_END}, got {self.slice_end!r}")
         if self.lora_merge not in LORA_MERGE:
             raise RaybranchError(f"lora_merge must be one of {LORA_MERGE}, got {self.lora_merge!r}")
 

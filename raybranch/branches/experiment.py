@@ -183,8 +183,7 @@ class Experiment:
         n = len(self.data.slices)
         k_bad = cfg.poison_slice
         verified = [k for k in range(1, n + 1) if k != k_bad]
-        ck_kwargs = dict(bits=cfg.bits, granularity=cfg.granularity, snapshot_every=cfg.snapshot_every,
-                         segment_size=cfg.segment_size, save_rng=False)  # batch order is seeded, not global RNG
+        ck_kwargs = cfg.checkpointer_kwargs()
         template = self.with_lora(bp) if lora else copy.deepcopy(bp)
         ts_bytes = torch_save_bytes(template)
 
@@ -209,7 +208,7 @@ class Experiment:
                 t0 = time.perf_counter()
                 if k in br["slices"]:
                     res = self.train(br["model"], br["opt"], k, br["ck"], br["step"], merge,
-                                     end_snapshot=mech in cfg.serve_snapshot and b == "clean")
+                                     end_snapshot=cfg.exact_slice_end(mech, b))
                     br["step"] = res.last_step
                     br["results"].append(_slice_summary(res))
                     restored = self.restored(template, br["ck"], br["step"])

@@ -1,17 +1,19 @@
 """Checkpointer: a compressed checkpoint of a branch at every step, restorable at any step.
 
-    ckpt = Checkpointer(store, run="exp1", branch="main", bits=3)
+    ckpt = Checkpointer(store, run="exp1", branch="main")
     ckpt.save(step, model, optimizer=None, extra=None)   # -> "exp1/main/<step>"
     state = ckpt.restore(step=None)                       # latest if None
     ckpt.log()                                            # every committed checkpoint
 
-Per checkpoint, floating-point model tensors (the *lossy group*) are LC-coded against the
-previous reconstruction (:mod:`raybranch.codec.delta`); integer buffers, tensors under
-``min_lossy_numel`` entries, names matching ``exact`` and (by default) optimizer state are
-stored losslessly, and only when they changed. The first checkpoint of a branch is an exact
-snapshot; later snapshots only when ``snapshot_every`` asks for them (a snapshot is a cache of a
-reconstruction the deltas already determine: it bounds restore time and costs ratio, see
-docs/DECISIONS.md).
+Per checkpoint, floating-point model tensors (the *lossy groups*) are coded against the previous
+reconstruction: by default with the uniform codec, which keeps every restored step within
+``residual`` (0.9) of one step's update of the trained one (:mod:`raybranch.codec.uniform`);
+``codec="lc"`` is LC-checkpoint, the baseline. Integer buffers, tensors under
+``min_lossy_numel`` entries, names matching ``exact`` and (by default) optimizer state are stored
+losslessly, and only when they changed. Exact checkpoints (the first, tagged ones,
+``snapshot=True``, and a key frame every ``key_every`` deltas) are coded against the previous
+exact state (:mod:`raybranch.checkpoint.encode`), so a restore applies at most ``key_every``
+deltas; see docs/DECISIONS.md for the measured trade-off.
 
 Each save is one commit of the branch's log (:mod:`raybranch.ledger`): the blob, then the commit
 record, created only if absent. The first save registers the Checkpointer as the branch's writer
@@ -29,9 +31,7 @@ import warnings
 
 import torch
 
-from ..codec.delta import DeltaEncoder
-from ..codec.lc import LCParams
-from ..codec.streams import encode_exact
+from ..codec.modes import make_params
 from ..errors import ConflictError, FencedError, NonFiniteError, NotFoundError, RaybranchError
 from ..ledger.branch import BranchLog, BranchWriter
 from ..ledger.lineage import Lineage, create_branch
@@ -40,10 +40,14 @@ from ..ledger.records import PAGE_SIZE, check_name, layout_key
 from ..ledger.refs import read_branch_ref
 from ..store.blob import Row, write_blob
 from ..store.store import Store, json_bytes, open_store
-from . import state as st
 from .compact import compact_rows
+from .encode import StateEncoder
+from .layout import LayoutRules, buffer_names
 from .history import branch_log, log_record
 from .restore import Reader
+
+
+DEFAULT_KEY_EVERY = 256  # deltas between key frames (docs/DECISIONS.md: the ratio/restore frontier)
 
 
 class Checkpointer:
@@ -53,9 +57,13 @@ class Checkpointer:
         run: str,
         branch: str = "main",
         *,
+        codec: str = "uniform",
+        residual: float = 0.9,
         bits: int = 3,
-        granularity: str = "global",
+        granularity: str = "tensor",
         value: str = "mean",
+        key_every: int | None = None,
+        standalone_every: int = 8,
         snapshot_every: int | None = None,
         segment_size: int = 64,
         exact: tuple[str, ...] | list[str] = (),
@@ -68,29 +76,32 @@ class Checkpointer:
         self.store = open_store(store) if isinstance(store, str) else store
         self.run = check_name("run", run)
         self.branch = check_name("branch", branch)
-        self.params = LCParams(bits=bits, granularity=granularity, value=value)
-        if snapshot_every is not None and snapshot_every < 1:
-            raise RaybranchError(f"snapshot_every must be a positive number of checkpoints, got {snapshot_every}")
+        self.params = make_params(codec, residual=residual, bits=bits, granularity=granularity, value=value)
+        if key_every is None:
+            key_every = snapshot_every if snapshot_every is not None else DEFAULT_KEY_EVERY
+        if not isinstance(key_every, int) or key_every < 1:
+            raise RaybranchError(f"key_every must be a positive number of checkpoints, got {key_every!r}")
+        if not isinstance(standalone_every, int) or standalone_every < 1:
+            raise RaybranchError(f"standalone_every must be a positive number of exact checkpoints, got {standalone_every!r}")
         if segment_size < 0:
             raise RaybranchError(f"segment_size must be >= 0 (0 = pages of {PAGE_SIZE} commits, never compacted), got {segment_size}")
         if optimizer_codec not in ("exact", "lc"):
             raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise RaybranchError(f"flush_every must be a positive number of saves per commit, got {flush_every!r}")
-        self.snapshot_every = snapshot_every
+        self.key_every, self.standalone_every = key_every, standalone_every
         self.segment_size = segment_size
         self.flush_every = flush_every
-        self.exact_patterns = [re.compile(p) for p in exact]
-        self.min_lossy_numel = min_lossy_numel
-        self.optimizer_codec = optimizer_codec
-        self.save_rng = save_rng
+        self.rules = LayoutRules(tuple(re.compile(p) for p in exact), min_lossy_numel, optimizer_codec, save_rng)
         self.device = torch.device(device) if device is not None else None
+        self._settings = dict(codec=codec, residual=residual, bits=bits, granularity=granularity, value=value,
+                              key_every=key_every, standalone_every=standalone_every, segment_size=segment_size,
+                              exact=list(exact), min_lossy_numel=min_lossy_numel, optimizer_codec=optimizer_codec,
+                              save_rng=save_rng, device=device, flush_every=flush_every)
         self.reader = Reader(self.store, self.run)
         self.sealer = Sealer(compact_rows if segment_size else None)
         self._writer: BranchWriter | None = None
-        self._encoders: dict[str, DeltaEncoder] = {}
-        self._layout_hash: str | None = None
-        self._last_exact: dict[str, torch.Tensor] = {}
+        self._enc = StateEncoder(self.params, key_every, standalone_every, self.device)
         self._head: dict | None = None  # the head step's entry
         self._loaded = False
         self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
@@ -108,7 +119,7 @@ class Checkpointer:
         :class:`~raybranch.errors.FencedError`.
         """
         step = int(step)
-        tensors, meta = self._collect(model, optimizer, extra)
+        tensors, meta = self.rules.collect(model, optimizer, extra)
         if not self._loaded:  # becoming the writer writes (the branch, or a fence commit): refuse NaN/Inf before that
             for n, t in tensors.items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -116,7 +127,7 @@ class Checkpointer:
         self._load_head()
         if self._head is not None and step <= self._head["step"]:
             raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._head['step']})")
-        layout, groups, exact_names = self._layout(tensors, _buffer_names(model))
+        layout, groups, exact_names = self.rules.layout(tensors, buffer_names(model))
         flats = {g: torch.cat([tensors[n].reshape(-1).float() for n in names]) for g, names in groups.items()}
         for n in exact_names:
             t = tensors[n]
@@ -125,48 +136,19 @@ class Checkpointer:
 
         layout_bytes = json_bytes(layout)
         layout_hash = hashlib.sha256(layout_bytes).hexdigest()
-        depth = 0 if self._head is None else self._head["depth"] + 1
-        is_snapshot = (
-            snapshot
-            or self._head is None
-            or layout_hash != self._layout_hash
-            or (self.snapshot_every is not None and depth >= self.snapshot_every)
-        )
+        enc = self._enc
+        kind = enc.kind(self._head, layout_hash, exact=snapshot or bool(tags))
         t0 = time.perf_counter()
-        rows: list[Row] = []
-        pending: dict[str, torch.Tensor] = {}
-        if is_snapshot:
-            depth = 0
-            for g, flat in flats.items():
-                if not bool(torch.isfinite(flat).all()):
-                    bad = next(n for n in groups[g] if not bool(torch.isfinite(tensors[n]).all()))
-                    raise NonFiniteError(f"tensor {bad!r} holds NaN or Inf at step {step}; nothing was saved")
-                arr = flat.cpu().numpy()
-                rows.append(Row(step, g, "recon", "float32", (arr.size,), encode_exact(arr)))
-        else:
-            for g, flat in flats.items():
-                payload, tables, q = self._encoders[g].encode(flat)  # raises on NaN/Inf: nothing written yet
-                pending[g] = q
-                rows.append(Row(step, g, "lc", "float32", (flat.numel(),), payload, tables))
-                self.timings["lossy_bytes"] += flat.numel() * 4
-        changed = {}
-        for n in exact_names:
-            t = tensors[n]
-            prev = self._last_exact.get(n)
-            if is_snapshot or prev is None or prev.shape != t.shape or not torch.equal(prev, t.to(prev.device)):
-                changed[n] = t
-                rows.append(Row(step, n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t))))
+        rows, pending = enc.rows(step, kind, flats, groups, tensors, exact_names)  # raises on NaN/Inf: nothing written yet
         self.timings["encode_s"] += time.perf_counter() - t0
+        self.timings["lossy_bytes"] = enc.lossy_bytes
 
         writer = self._writer
-        if layout_hash != self._layout_hash:
+        if layout_hash != enc.layout_hash:
             self._new_layouts[layout_hash] = layout_bytes  # written with the group that first names it
         entry = {
             "step": step,
-            "kind": "snapshot" if is_snapshot else "delta",
-            "base": [writer.bid, step] if is_snapshot else self._head["base"],
-            "depth": depth,
-            "codec": self.params.to_json(),
+            **enc.entry_fields(kind, writer.bid, step, self._head),
             "layout": layout_hash,
             "slices": list(slices or []),
             "tags": list(tags or []),
@@ -174,17 +156,10 @@ class Checkpointer:
             "time": round(time.time(), 3),
         }
         # the reconstruction advances at capture; a group that fails to commit rebuilds it from the store
-        if is_snapshot or layout_hash != self._layout_hash:
-            self._reset_encoders(layout, flats)
-        else:
-            for g, q in pending.items():
-                self._encoders[g].advance(q)
-        self._layout_hash = layout_hash
-        for n, t in changed.items():
-            self._last_exact[n] = t.detach().clone()
+        enc.advance(pending, layout, flats, layout_hash, writer.bid, step)
         self._head = {**entry, "branch_id": writer.bid}
         self._group.append((entry, rows))
-        if len(self._group) >= self.flush_every or is_snapshot or tags:
+        if len(self._group) >= self.flush_every or kind != "delta" or tags:
             self._commit_group()
         return f"{self.run}/{self.branch}/{step}"
 
@@ -213,13 +188,7 @@ class Checkpointer:
         src = lin.entry(step)
         fork = {"branch_id": src["branch_id"], "branch": lin.branch_name_of(src["branch_id"]), "step": src["step"], "seq": src["seq"]}
         create_branch(self.store, self.run, branch, fork=fork, page_size=self.segment_size or PAGE_SIZE)
-        kwargs = dict(
-            bits=self.params.bits, granularity=self.params.granularity, value=self.params.value,
-            snapshot_every=self.snapshot_every, segment_size=self.segment_size,
-            exact=[p.pattern for p in self.exact_patterns], min_lossy_numel=self.min_lossy_numel,
-            optimizer_codec=self.optimizer_codec, save_rng=self.save_rng, device=self.device, flush_every=self.flush_every,
-        )
-        kwargs.update(overrides)
+        kwargs = {**self._settings, **overrides}
         return Checkpointer(self.store, self.run, branch, **kwargs)
 
     @property
@@ -279,70 +248,6 @@ class Checkpointer:
         self.timings["write_s"] += time.perf_counter() - t1 - (self.sealer.seconds - seal_s)
 
     # -- internals ----------------------------------------------------------------------------
-    def _collect(self, model, optimizer, extra) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = st.model_tensors(model)
-        for k in tensors:
-            if k.split("/", 1)[0] in ("optim", "rng", "extra"):
-                raise RaybranchError(f"model state key {k!r} clashes with raybranch's reserved prefixes")
-        meta: dict = {}
-        if optimizer is not None:
-            ot, om = st.optimizer_tensors(optimizer)
-            tensors.update(ot)
-            meta["optimizer"] = om
-        if self.save_rng if self.save_rng is not None else optimizer is not None:
-            rt, rm = st.rng_tensors()
-            tensors.update(rt)
-            meta["rng"] = rm
-        if extra:
-            et, em = st.extra_tensors(extra)
-            tensors.update(et)
-            meta["extra"] = em
-        return tensors, meta
-
-    def _is_lossy(self, name: str, t: torch.Tensor) -> bool:
-        if not t.is_floating_point() or t.numel() < self.min_lossy_numel:
-            return False
-        if name.startswith(("rng/", "extra/")):
-            return False
-        if name.startswith("optim/") and self.optimizer_codec != "lc":
-            return False
-        return not any(p.search(name) for p in self.exact_patterns)
-
-    def _layout(self, tensors: dict[str, torch.Tensor], buffers: set[str]) -> tuple[dict, dict[str, list[str]], list[str]]:
-        """Lossy groups: "model" (parameters), "buffers" (float buffers such as BatchNorm running
-        statistics, whose scale has nothing to do with the weights': global buckets over both
-        would spend every bucket on the statistics), "optim" (opt-in)."""
-        groups: dict[str, list[str]] = {}
-        exact: list[str] = []
-        for n, t in tensors.items():
-            if self._is_lossy(n, t):
-                g = "optim" if n.startswith("optim/") else "buffers" if n in buffers else "model"
-                groups.setdefault(g, []).append(n)
-            else:
-                exact.append(n)
-        layout = {
-            "groups": {
-                g: {
-                    "names": names,
-                    "shapes": [list(tensors[n].shape) for n in names],
-                    "dtypes": [st.dtype_name(tensors[n].dtype) for n in names],
-                    "sizes": [tensors[n].numel() for n in names],
-                }
-                for g, names in groups.items()
-            },
-            "exact": exact,
-            "model_keys": [n for n in tensors if not n.startswith(("optim/", "rng/", "extra/"))],
-        }
-        return layout, groups, exact
-
-    def _reset_encoders(self, layout: dict, flats: dict[str, torch.Tensor]) -> None:
-        self._encoders = {}
-        for g, group in layout["groups"].items():
-            dev = self.device or flats[g].device
-            enc = DeltaEncoder(group["names"], group["sizes"], self.params, dev)
-            enc.reset(flats[g])
-            self._encoders[g] = enc
-
     def _load_head(self) -> None:
         """Become the branch's writer (creating the branch if it is new) and, for an existing
         branch, rebuild the encoders' reconstructions from its head."""
@@ -361,11 +266,13 @@ class Checkpointer:
         if self._writer is None:
             self._writer = BranchWriter.register(BranchLog(self.store, self.run, ref.doc["branch_id"], self.branch))
         self._lapsed = None
+        self._enc = StateEncoder(self.params, self.key_every, self.standalone_every, self.device)
         lin = Lineage(self.store, self.run, log=self._writer.log)
         if lin.head_step is not None:
             for attempt in range(8):  # the writer we fenced may still be sealing a page: read again
                 try:
                     acc, exact, layout, last = self.reader.recon(lin, lin.head_step)
+                    base, base_state, keys = self.reader.exact_base(lin, lin.head_step)
                     break
                 except NotFoundError:
                     if attempt == 7:
@@ -373,10 +280,7 @@ class Checkpointer:
                     self._writer.log.open()
                     self.reader = Reader(self.store, self.run)
                     lin = Lineage(self.store, self.run, log=self._writer.log)
-            flats = {g: torch.from_numpy(a) for g, a in acc.items()}
-            self._reset_encoders(layout, flats)
-            self._layout_hash = last["layout"]
-            self._last_exact = dict(exact)
+            self._enc.load(layout, last["layout"], acc, exact, base, base_state, keys)
             self._head = last
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 
@@ -393,16 +297,6 @@ class Checkpointer:
                             f"{log.head['epoch']} while its commit failed")
             raise FencedError(self._fenced)
         return BranchWriter(log, epoch, writer_id)
-
-
-_STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")
-
-
-def _buffer_names(model) -> set[str]:
-    """Float buffers of a module; for a plain state_dict, BatchNorm-style running statistics."""
-    if isinstance(model, torch.nn.Module):
-        return {n for n, _ in model.named_buffers()}
-    return {n for n in model if _STAT_BUFFER.search(n)}
 
 
 def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Checkpointer:

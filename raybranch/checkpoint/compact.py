@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..codec.modes import LOSSY_KINDS, stream_bound
 from ..codec.streams import COMPACT_LEVEL, recompress
 from ..store.blob import Row, read_blob, write_blob
 from ..store.store import Store
@@ -20,8 +21,8 @@ from . import state as st
 
 def _bound(r: Row) -> int:
     n = int(np.prod(r.shape, dtype=np.int64))
-    if r.kind == "lc":
-        return (n + 7) // 8 + n
+    if r.kind in LOSSY_KINDS:
+        return stream_bound(r.kind, n)
     return n * st.numpy_storage_dtype(r.dtype).itemsize
 
 
@@ -36,7 +37,7 @@ def compact_rows(store: Store, run: str, bid: str, entries: list[dict]) -> list[
                 continue
             seen.add(h)
             for r in read_blob(store.get_blob(run, h, size), f"blob {h}")[0]:
-                if r.kind == "lc":  # exact rows (optimizer moments, …) gain little and cost much at this level
+                if r.kind in LOSSY_KINDS:  # exact rows (optimizer moments, …) gain little and cost much at this level
                     r.payload = recompress(r.payload, _bound(r), COMPACT_LEVEL)
                 rows.append(r)
     steps = {e["step"] for e in entries}

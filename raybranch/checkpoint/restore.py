@@ -1,11 +1,15 @@
-"""Restore: the nearest snapshot plus the LC deltas after it → the exact reconstruction ũ_t.
+"""Restore: the nearest exact state plus the deltas after it → the exact reconstruction ũ_t.
 
 The step's entry (resolved along the branch's lineage, :class:`raybranch.ledger.Lineage`) names
-``base``, the snapshot its chain starts from; the entries from there to the step are fetched
-page by page, and the rows of each step are read from the blobs of its commit's parts.
+``base``, the exact checkpoint its chain starts from; the entries from there to the step are
+fetched page by page, and the rows of each step are read from the blobs of its commit's parts.
 
-For each lossy group, acc = ũ_snapshot (exact float32), then for every delta on the chain, in
-order, acc ← acc + Q(δ) (:func:`raybranch.codec.delta.apply_delta`) — the same float32 adds the
+An exact checkpoint is a standalone snapshot (rows ``recon``) or a key frame (rows ``key``, coded
+against the previous exact state, named by its ``ref``); a key frame's state is rebuilt from the
+snapshot its refs lead to, one decode per key frame (at most ``standalone_every`` of them).
+
+For each lossy group, acc = that exact state, then for every delta on the chain, in order,
+acc ← acc + Q(δ) (:func:`raybranch.codec.modes.apply_rows`) — the same float32 operations the
 encoder made, so the result equals the encoder's reconstruction bit for bit. Exact tensors are
 taken from the newest checkpoint on the chain that stored them (unchanged ones are not re-stored).
 """
@@ -18,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..codec.delta import apply_delta
-from ..codec.lc import LCParams
+from ..codec.exact import decode_against
+from ..codec.modes import LOSSY_KINDS, apply_rows, params_from_json
 from ..codec.streams import decode_exact
 from ..errors import CorruptBlobError, NotFoundError
 from ..store.blob import Row, read_blob
@@ -80,42 +84,42 @@ class Layouts:
         return self._docs[h]
 
 
-def seg_offsets(layout_group: dict, params: LCParams) -> np.ndarray | None:
-    if params.granularity != "tensor" or len(layout_group["sizes"]) < 2:
-        return None
-    return np.concatenate([[0], np.cumsum(layout_group["sizes"])[:-1]]).astype(np.int64)
+EXACT_KINDS = ("snapshot", "key")
 
 
-def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict]:
+def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts, refs: list[dict] = ()) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], dict]:
     """(flat reconstructions per lossy group, exact tensors, layout) of the chain's last entry.
 
-    Decoding starts at the chain's last snapshot (retention may have turned a step inside a
-    chain into one); exact tensors are looked up from the end back to the chain's start."""
+    ``refs``: the exact entries the chain's first one is coded against, from a standalone
+    snapshot on (empty when it is one). Decoding starts at the chain's last exact entry
+    (retention may have turned a step inside a chain into one); exact tensors are looked up from
+    the end back to the chain's start."""
     full = chain
-    chain = chain[max(i for i, e in enumerate(chain) if e["kind"] == "snapshot"):]
-    blobs.prefetch([p["blob"] for e in chain for p in e["parts"]])
+    start = max(i for i, e in enumerate(chain) if e["kind"] in EXACT_KINDS)
+    chain = chain[start:]
+    exacts = list(refs) + [chain[0]] if chain[0]["kind"] == "key" and start == 0 else [chain[0]]
+    if exacts[0]["kind"] != "snapshot":
+        raise CorruptBlobError(f"key frame {chain[0]['branch_id']}/{chain[0]['step']} does not lead back to a snapshot")
+    blobs.prefetch([p["blob"] for e in exacts + chain[1:] for p in e["parts"]])
     layout = layouts.get(chain[-1]["layout"])
-    snap = chain[0]
-    snap_rows = _rows_of(blobs, snap)
-    acc: dict[str, np.ndarray] = {}
-    for r in snap_rows:
-        if r.kind == "recon":
-            acc[r.name] = np.array(decode_exact(r.payload, np.float32, r.shape), copy=True)
+    acc = exact_state(exacts, blobs)
     for g in layout["groups"]:
         if g not in acc:
-            raise CorruptBlobError(f"snapshot {snap['branch_id']}/{snap['step']} lacks group {g!r}")
-    for i, e in enumerate(chain[1:]):
-        params = LCParams.from_json(e["codec"])
+            raise CorruptBlobError(f"exact checkpoint {chain[0]['branch_id']}/{chain[0]['step']} lacks group {g!r}")
+    deltas: dict[str, list] = {g: [] for g in acc}
+    for e in chain[1:]:
+        params = params_from_json(e["codec"])
         for r in _rows_of(blobs, e):
-            if r.kind != "lc":
-                continue
-            group = layout["groups"][r.name]
-            offs = seg_offsets(group, params)
-            tables = r.table.reshape(-1, params.levels)
-            try:
-                apply_delta(acc[r.name], r.payload, tables, offs, first=(i == 0))
-            except (ValueError, IndexError) as exc:
-                raise CorruptBlobError(f"delta of {e['branch_id']}/{e['step']} group {r.name!r} cannot be decoded: {exc}") from None
+            if r.kind in LOSSY_KINDS:
+                if r.name not in deltas:
+                    raise CorruptBlobError(f"delta of {e['branch_id']}/{e['step']} names group {r.name!r}, which its exact state lacks")
+                deltas[r.name].append((r.kind, r.payload, r.table, params))
+    for g, rows in deltas.items():
+        try:
+            apply_rows(acc[g], rows, layout["groups"][g]["sizes"])
+        except (ValueError, IndexError, KeyError) as exc:
+            raise CorruptBlobError(f"the deltas of group {g!r} from {chain[0]['branch_id']}/{chain[0]['step']} to step "
+                                   f"{chain[-1]['step']} cannot be decoded: {exc}") from None
     exact: dict[str, torch.Tensor] = {}
     for e in reversed(full):
         for r in _rows_of(blobs, e):
@@ -126,6 +130,24 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts) -> tuple
     if missing:
         raise CorruptBlobError(f"checkpoint {chain[-1]['branch_id']}/{chain[-1]['step']} lacks exact tensors {missing[:3]}")
     return acc, exact, layout
+
+
+def exact_state(exacts: list[dict], blobs: BlobCache) -> dict[str, np.ndarray]:
+    """The lossy groups' exact state at the last of ``exacts``: a snapshot, then key frames each
+    coded against the one before (:func:`raybranch.codec.exact.decode_against`)."""
+    acc: dict[str, np.ndarray] = {}
+    for e in exacts:
+        for r in _rows_of(blobs, e):
+            try:
+                if r.kind == "recon":
+                    acc[r.name] = np.array(decode_exact(r.payload, np.float32, r.shape), copy=True)
+                elif r.kind == "key":
+                    if r.name not in acc:
+                        raise ValueError("its reference lacks the group")
+                    acc[r.name] = decode_against(r.payload, acc[r.name])
+            except ValueError as exc:
+                raise CorruptBlobError(f"exact state of {e['branch_id']}/{e['step']} group {r.name!r} cannot be decoded: {exc}") from None
+    return acc
 
 
 def _rows_of(blobs: BlobCache, entry: dict) -> list[Row]:
@@ -186,7 +208,7 @@ class Reader:
     def _restore(self, lin: Lineage, step: int | None) -> dict:
         target = lin.entry(step)
         chain = chain_to(lin, target)
-        acc, exact, layout = decode_chain(chain, self.blobs, self.layouts)
+        acc, exact, layout = decode_chain(chain, self.blobs, self.layouts, key_refs(lin, chain[0]))
         out = assemble(acc, exact, layout, target.get("meta", {}))
         out.update(step=target["step"], branch=lin.name, run=self.run, manifest=_public(target, lin))
         return out
@@ -195,17 +217,39 @@ class Reader:
         """Raw reconstruction state (for continuing a chain): flats, exact tensors, layout, last entry."""
         target = lin.entry(step)
         chain = chain_to(lin, target)
-        acc, exact, layout = decode_chain(chain, self.blobs, self.layouts)
+        refs = key_refs(lin, chain[0])
+        acc, exact, layout = decode_chain(chain, self.blobs, self.layouts, refs)
         return acc, exact, layout, target
+
+    def exact_base(self, lin: Lineage, step: int) -> tuple[dict, dict[str, np.ndarray], int]:
+        """(the exact entry step ``step``'s chain starts from, its lossy groups' state, how many
+        key frames lead to it from its snapshot): what a writer continuing the branch codes its
+        next key frame against."""
+        base = chain_to(lin, lin.entry(step))[0]
+        refs = key_refs(lin, base)
+        return base, exact_state(refs + [base] if base["kind"] == "key" else [base], self.blobs), len(refs)
 
 
 def chain_to(lin: Lineage, target: dict) -> list[dict]:
-    """Entries from the snapshot ``target`` builds on to ``target``, in apply order."""
+    """Entries from the exact checkpoint ``target`` builds on to ``target``, in apply order."""
     base_step = target["base"][1]
     chain = lin.entries_between(base_step, target["step"])
-    if not chain or chain[0]["kind"] != "snapshot" or chain[-1]["step"] != target["step"]:
-        raise CorruptBlobError(f"the chain of step {target['step']} of run {lin.run!r} does not start at snapshot {base_step}")
+    if not chain or chain[0]["kind"] not in EXACT_KINDS or chain[-1]["step"] != target["step"]:
+        raise CorruptBlobError(f"the chain of step {target['step']} of run {lin.run!r} does not start at exact checkpoint {base_step}")
     return chain
+
+
+def key_refs(lin: Lineage, entry: dict) -> list[dict]:
+    """The exact entries a key frame is coded against, oldest (a standalone snapshot) first;
+    empty for anything but a key frame."""
+    refs: list[dict] = []
+    e = entry
+    while e["kind"] == "key":
+        e = lin.entry(e["ref"][1])
+        if e["kind"] not in EXACT_KINDS or e["step"] >= (refs[-1] if refs else entry)["step"]:
+            raise CorruptBlobError(f"key frame {entry['branch_id']}/{entry['step']} refers to step {e['step']}, not an earlier exact checkpoint")
+        refs.append(e)
+    return refs[::-1]
 
 
 def _public(entry: dict, lin: Lineage) -> dict:

@@ -115,7 +115,7 @@ def thin_branch(store: Store, run: str, lin: Lineage, policy: dict, protected: s
                 rows += [Row(e["step"], g, "recon", "float32", (a.size,), encode_exact(a)) for g, a in acc.items()]
                 rows += [Row(e["step"], n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t)))
                          for n, t in exact.items()]
-                kept.append({**e, "kind": "snapshot", "base": [log.bid, e["step"]], "depth": 0})
+                kept.append({**{k: v for k, v in e.items() if k != "ref"}, "kind": "snapshot", "base": [log.bid, e["step"]], "depth": 0})
         parts = []
         if rows:
             h, size = store.put_blob(run, write_blob(rows, {"run": run, "branch_id": log.bid, "retained": [p.first_seq, p.last_seq]}))

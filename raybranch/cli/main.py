@@ -84,9 +84,14 @@ def _cmd_verify(args) -> int:
 
 def _cmd_bench(args) -> int:
     if args.what == "codec":
-        from ..bench.codec_bench import main as bench_main
+        from ..bench.codec.report import main as bench_main
+        from ..bench.codec.trajectory import MODELS
 
-        return bench_main(steps=args.steps, as_json=args.json, out=args.out)
+        models = tuple(args.models.split(",")) if args.models else MODELS
+        bad = [m for m in models if m not in MODELS]
+        if bad:
+            raise RaybranchError(f"--models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
+        return bench_main(steps=args.steps, as_json=args.json, out=args.out, models=models, large=not args.no_large)
     raise RaybranchError(f"unknown benchmark {args.what!r}")
 
 
@@ -118,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_verify)
 
     s = sub.add_parser("bench", help="benchmarks", description="Benchmarks that print their figures.")
-    s.add_argument("what", choices=["codec"], help="codec: LeNet-5/digits, a checkpoint every step, raybranch vs the seed scheme")
+    s.add_argument("what", choices=["codec"], help="codec: a checkpoint every step of real runs; codecs, key frames and the LC baseline")
     s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--models", help="comma-separated (default: lenet5,lenet5-tanh,resnet-small)")
+    s.add_argument("--no-large", action="store_true", help="skip the ResNet-50-sized restore")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--out", default=None, help="keep the stores here (default: a temporary directory)")
     s.set_defaults(fn=_cmd_bench)

@@ -122,8 +122,7 @@ def sweep_trial(config: dict) -> None:
     if store.list(run, recursive=True):  # a trial restarted by Tune: start its run again
         for info in store.list(run, recursive=True):
             store.delete(info.rel)
-    ck = Checkpointer(store, run, "main", bits=cfg.bits, granularity=cfg.granularity, snapshot_every=cfg.snapshot_every,
-                      segment_size=cfg.segment_size, save_rng=False)
+    ck = Checkpointer(store, run, "main", **cfg.checkpointer_kwargs())
     model = copy.deepcopy(template)
     opt = exp.optimizer(model, lora)
     state, extra = checkpoint_state(model, lora)
@@ -132,7 +131,7 @@ def sweep_trial(config: dict) -> None:
     step, t0 = 0, time.perf_counter()
     full = config["acc_full"][p["split"]]
     for k in range(1, n + 1):
-        step = exp.train(model, opt, k, ck, step, merge).last_step
+        step = exp.train(model, opt, k, ck, step, merge, end_snapshot=cfg.exact_slice_end(p["mechanism"], "main")).last_step
         metrics = {"data_percent": 100.0 * k / n, "slice": k, "acc": exp.acc(model), "step": step}
         if k == n:
             ck.close()

@@ -301,13 +301,11 @@ class RayExperiment(Experiment):
             if b != "main":
                 main_ck.fork(b, step=0)
         return [branch_loop_config(cfg, self.store_uri, run, b, mech, slices, merge,
-                                   mech in cfg.serve_snapshot and b == "clean", self.ck_kwargs(), self.job, self.step_hook)
+                                   cfg.exact_slice_end(mech, b), self.ck_kwargs(), self.job, self.step_hook)
                 for b, slices in plan.items()]
 
     def ck_kwargs(self) -> dict:
-        cfg = self.cfg
-        return dict(bits=cfg.bits, granularity=cfg.granularity, snapshot_every=cfg.snapshot_every,
-                    segment_size=cfg.segment_size, save_rng=False)  # batch order is seeded, not global RNG
+        return self.cfg.checkpointer_kwargs()
 
     def run_mechanism(self, mech: str, bp, full: dict, lora_merge: str | None = None,
                       branches_only: tuple[str, ...] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""Small-input CNNs of the report (§6): LeNet-5 and the "Lite" AlexNet / VGG-16.
+"""Small-input CNNs of the report (§6): LeNet-5 (ReLU, and the classic Tanh one) and the "Lite" AlexNet / VGG-16.
 
 All three take ``in_channels`` × ``image_size`` × ``image_size`` inputs (1×28×28 MNIST/digits,
 3×32×32 CIFAR-10, or any size the pooling stack does not shrink below 1 pixel) and return
@@ -44,6 +44,32 @@ class LeNet5(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(16 * side * side, 120), nn.ReLU(inplace=True),
             nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class LeNet5Tanh(nn.Module):
+    """LeNet-5 as LeCun et al. (1998) built it: Tanh and 2×2 average pooling.
+
+    conv(6, 5×5, pad 2) → tanh → avgpool 2 → conv(16, 5×5) → tanh → avgpool 2
+    → fc 120 → tanh → fc 84 → tanh → fc num_classes (the RBF output layer is a linear one here).
+    Its updates spread over every weight (tanh never zeroes a gradient), unlike the ReLU one's.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+        super().__init__()
+        side = (image_size // 2 - 4) // 2
+        _check_size("lenet5-tanh", side, image_size)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * side * side, 120), nn.Tanh(),
+            nn.Linear(120, 84), nn.Tanh(),
             nn.Linear(84, num_classes),
         )
 

@@ -1,6 +1,7 @@
 """Model registry: ``build_model(name, ...)`` for every model the report trains (§6).
 
-Small-input CNNs (``lenet5``, ``alexnet-small``, ``vgg16-small``) live in ``small.py``;
+Small-input CNNs (``lenet5``, ``lenet5-tanh``, ``alexnet-small``, ``vgg16-small``) live in ``small.py``,
+``resnet-small`` in ``resnet_small.py``;
 torchvision's full ``vgg16``, ``resnet50`` and ``vit_b_16`` and the small ViTs of §6.3
 (``vit-tiny``, ``vit-small``, built on ``torchvision.models.VisionTransformer``) live here.
 
@@ -20,7 +21,8 @@ from torch import nn
 from torchvision.models import vision_transformer as tv_vit
 
 from .errors import ModelConfigError, WeightsNotFoundError
-from .small import AlexNetSmall, LeNet5, VGG16Small
+from .resnet_small import ResNetSmall
+from .small import AlexNetSmall, LeNet5, LeNet5Tanh, VGG16Small
 
 # Small ViTs of the report (§6.3.1 / §6.3.2): heads, blocks, hidden_dim, mlp_size.
 VIT_CONFIGS: dict[str, dict[str, int]] = {
@@ -37,6 +39,8 @@ _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], torchvision.models.Weigh
 
 _SMALL: dict[str, type[nn.Module]] = {
     "lenet5": LeNet5,
+    "lenet5-tanh": LeNet5Tanh,
+    "resnet-small": ResNetSmall,
     "alexnet-small": AlexNetSmall,
     "vgg16-small": VGG16Small,
 }

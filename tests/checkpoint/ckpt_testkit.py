@@ -62,7 +62,7 @@ class Recorder:
         return cid
 
     def record(self, ckpt, step: int, model, optimizer=None) -> None:
-        encs = ckpt._encoders  # internal: what the encoder holds is the ground truth of restore
+        encs = ckpt._enc.encoders  # internal: what the encoder holds is the ground truth of restore
         self.recon[step] = {g: e.recon.clone() for g, e in encs.items()}
         self.names[step] = {g: list(e.names) for g, e in encs.items()}
         lossy = {n for names in self.names[step].values() for n in names}

@@ -108,18 +108,20 @@ def test_restore_equals_reconstruction_and_pages_seal(uri):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(bits=1, granularity="tensor", value="midrange"),
-        dict(bits=8, granularity="global", value="mean", optimizer_codec="lc"),
-        dict(bits=2, granularity="tensor", value="mean", optimizer_codec="lc", segment_size=0),
+        dict(codec="lc", bits=1, granularity="tensor", value="midrange"),
+        dict(codec="lc", bits=8, granularity="global", value="mean", optimizer_codec="lc"),
+        dict(codec="lc", bits=2, granularity="tensor", value="mean", optimizer_codec="lc", segment_size=0),
+        dict(residual=0.3, optimizer_codec="lc"),
+        dict(residual=2.0, key_every=4, standalone_every=2),
     ],
-    ids=["b1-tensor-midrange", "b8-global-lcoptim", "b2-tensor-nocompact"],
+    ids=["lc-b1-tensor-midrange", "lc-b8-global-lcoptim", "lc-b2-tensor-nocompact", "uniform-r0.3-lcoptim", "uniform-keys"],
 )
 def test_restore_equals_reconstruction_codec_options(file_uri, kw):
     kw = {"segment_size": 5, **kw}
     ckpt = rb.Checkpointer(file_uri, run="exp1", **kw)
     _, _, rec = train_and_save(ckpt, 12, extra=False)
     if kw.get("optimizer_codec") == "lc":
-        assert "optim" in ckpt._encoders and "model" in ckpt._encoders
+        assert "optim" in ckpt._enc.encoders and "model" in ckpt._enc.encoders
     fresh = Reader(rb.open_store(file_uri), "exp1")
     for s in range(12):
         assert_matches_record(fresh.restore("main", s), rec, s)
@@ -128,13 +130,15 @@ def test_restore_equals_reconstruction_codec_options(file_uri, kw):
     assert [r["compacted"] for r in ckpt.log()] == want
 
 
-def test_snapshot_every(uri):
+def test_key_frames(uri):
     store = rb.open_store(uri)
-    ckpt = rb.Checkpointer(store, run="exp1", snapshot_every=5, segment_size=3)
-    _, _, rec = train_and_save(ckpt, 17, extra=False)
+    ckpt = rb.Checkpointer(store, run="exp1", key_every=5, standalone_every=3, segment_size=3)
+    _, _, rec = train_and_save(ckpt, 27, extra=False)
     log = ckpt.log()
-    assert [r["step"] for r in log if r["kind"] == "snapshot"] == [0, 5, 10, 15]
-    assert [r["depth"] for r in log] == [s % 5 for s in range(17)]
+    # exact every 5 checkpoints; every 3rd exact one standalone, the others coded against the one before
+    assert [(r["step"], r["kind"]) for r in log if r["kind"] != "delta"] == [
+        (0, "snapshot"), (5, "key"), (10, "key"), (15, "snapshot"), (20, "key"), (25, "key")]
+    assert [r["depth"] for r in log] == [s % 5 for s in range(27)]
     fresh = Reader(rb.open_store(uri), "exp1")
     for s in range(17):
         assert_matches_record(fresh.restore("main", s), rec, s)
@@ -148,7 +152,7 @@ def test_forced_snapshot_and_layout_change(file_uri):
     other = torch.nn.Linear(10, 10)
     ckpt.save(4, other)
     ckpt.save(5, other)
-    assert [r["kind"] for r in ckpt.log()] == ["snapshot", "delta", "delta", "snapshot", "snapshot", "delta"]
+    assert [r["kind"] for r in ckpt.log()] == ["snapshot", "delta", "delta", "key", "snapshot", "delta"]
     for s in range(4):
         assert_matches_record(ckpt.restore(s), rec, s)
     st = ckpt.restore(5)
@@ -397,7 +401,7 @@ def test_nonfinite_weights_write_nothing(file_uri, when, tensor, bad):
         ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=2)
     root = rb.open_store(file_uri).root
     files = local_files(root) if os.path.isdir(root) else {}
-    recon = {g: e.recon.clone() for g, e in ckpt._encoders.items()}
+    recon = {g: e.recon.clone() for g, e in ckpt._enc.encoders.items()}
     good = model.state_dict()[tensor].clone()
     with torch.no_grad():
         model.state_dict()[tensor].view(-1)[1] = bad
@@ -408,7 +412,7 @@ def test_nonfinite_weights_write_nothing(file_uri, when, tensor, bad):
     assert repr(tensor) in msg and "\n" not in msg
     after = local_files(root) if os.path.isdir(root) else {}
     assert after == files, f"written despite NaN/Inf: {sorted(set(after) ^ set(files))}"
-    assert all(torch.equal(ckpt._encoders[g].recon, r) for g, r in recon.items())
+    assert all(torch.equal(ckpt._enc.encoders[g].recon, r) for g, r in recon.items())
     # fixing the weights, the same step saves and restores
     with torch.no_grad():
         model.state_dict()[tensor].copy_(good)

@@ -98,9 +98,9 @@ def test_sigkill_mid_save(request, tmp_path, backend, mode, trial):
     # a new Checkpointer on the branch continues the chain exactly as the writer would have
     head = steps[-1]
     ckpt.save(head + 1, states[head + 1])
-    assert torch.equal(ckpt._encoders["model"].recon.view(torch.int32), rec.recon[head + 1]["model"].view(torch.int32))
+    assert torch.equal(ckpt._enc.encoders["model"].recon.view(torch.int32), rec.recon[head + 1]["model"].view(torch.int32))
     ckpt.save(head + 2, states[head + 2])
-    assert torch.equal(ckpt._encoders["model"].recon.view(torch.int32), rec.recon[head + 2]["model"].view(torch.int32))
+    assert torch.equal(ckpt._enc.encoders["model"].recon.view(torch.int32), rec.recon[head + 2]["model"].view(torch.int32))
     ckpt.close()
     log = ckpt.log()
     assert [r["step"] for r in log] == list(range(head + 3))

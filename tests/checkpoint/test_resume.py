@@ -61,9 +61,9 @@ def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segmen
     assert resumed.epoch == 2
     assert head["step"] == stop and head["compacted"] == sealed
     # the encoder state rebuilt from the store is the one the first writer had, bit for bit
-    assert set(resumed._encoders) == set(rec.recon[stop])
+    assert set(resumed._enc.encoders) == set(rec.recon[stop])
     for g, r in rec.recon[stop].items():
-        assert torch.equal(_i32(resumed._encoders[g].recon), _i32(r))
+        assert torch.equal(_i32(resumed._enc.encoders[g].recon), _i32(r))
     for step, model, opt in traj:
         rec.save(resumed, step, model, opt)
     log = resumed.log()
@@ -174,16 +174,16 @@ def test_restored_run_trains_on_identically(file_uri, deterministic, opt_kind, m
         train_step(model, opt)
         ckpt.save(step, model, opt)
     if mode == "lossy":
-        assert "model" in ckpt._encoders
+        assert "model" in ckpt._enc.encoders
         sd = model.state_dict()
         with torch.no_grad():
-            for g, enc in ckpt._encoders.items():
+            for g, enc in ckpt._enc.encoders.items():
                 off = 0
                 for n, size in zip(enc.names, enc.sizes):
                     sd[n].copy_(enc.recon[off : off + size].view_as(sd[n]))
                     off += size
     else:
-        assert ckpt._encoders == {}
+        assert ckpt._enc.encoders == {}
 
     K = 4
     orig_losses, orig_params = [], []

@@ -169,12 +169,14 @@ def test_help(sub):
 
 
 def test_bench_codec_json_small():
-    out = cli("bench", "codec", "--steps", "40", "--json")
+    out = cli("bench", "codec", "--steps", "30", "--models", "lenet5", "--no-large", "--json")
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout)
-    assert res["run"]["checkpoints"] == 41
-    for scheme in ("raybranch", "seed"):
-        r = res[scheme]
-        assert r["ratio"] > 1 and r["encode_MBps"] > 0 and r["restore_ms_median"] > 0
-    assert res["raybranch"]["ratio"] > res["seed"]["ratio"]
-    assert {f["snapshot_every"] for f in res["frontier"]} >= {None, 20}
+    rows = json.loads(out.stdout)["models"]["lenet5"]["rows"]
+    assert {"baseline", "default", "residual 0.5", "key_every 64"} <= set(rows)
+    d = rows["default"]
+    assert d["residual_max"] <= 0.9 * (1 + 1e-5) and d["restore_bit_exact"] and d["ratio"] > 1
+    assert rows["residual 0.5"]["residual_max"] <= 0.5 * (1 + 1e-5) and rows["baseline"]["ratio_vs_baseline"] == 1.0
+    bad = cli("bench", "codec", "--models", "nope")
+    assert bad.returncode != 0 and "unknown nope" in bad.stderr
+
+

@@ -58,7 +58,10 @@ class Trainer:
 
 
 def ckpt_kwargs(segment_size: int = 3, flush_every: int = 1) -> dict:
-    return dict(segment_size=segment_size, flush_every=flush_every, snapshot_every=SNAPSHOT_EVERY, save_rng=False)
+    # LC: its coding is a function of (u_t, ũ_{t−1}) alone, so a writer resumed after a kill codes
+    # the next step exactly as the uninterrupted reference run did, which these checks compare.
+    # The uniform codec's rate control also keeps in-memory state (the last u, σ, κ).
+    return dict(codec="lc", segment_size=segment_size, flush_every=flush_every, snapshot_every=SNAPSHOT_EVERY, save_rng=False)
 
 
 # -- digests ----------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def recon_digest(groups: dict, exact: dict) -> str:
 
 def writer_recon_digest(ckpt) -> str:
     """What a Checkpointer's encoders hold as the reconstruction of its last save."""
-    return recon_digest({g: e.recon for g, e in ckpt._encoders.items()}, ckpt._last_exact)
+    return recon_digest({g: e.recon for g, e in ckpt._enc.encoders.items()}, ckpt._enc.last_exact)
 
 
 def store_recon_digests(store, run: str, branch: str, steps) -> dict[int, str]:

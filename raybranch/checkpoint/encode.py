@@ -1,0 +1,124 @@
+"""The writer's in-memory coding state of a branch, and the rows of one checkpoint.
+
+Every checkpoint is one of
+
+* a **delta**: each lossy group coded against the encoders' reconstruction ũ (the codec of
+  :mod:`raybranch.codec.modes`); restoring it applies the deltas since the chain's base;
+* a **key frame**: the lossy groups' exact state u_t coded against the previous exact state
+  (:mod:`raybranch.codec.exact`), which the writer keeps in memory; ũ restarts at u_t;
+* a **snapshot**: the exact state standalone (byte-grouped zstd).
+
+Key frames come every ``key_every`` deltas and at every exact checkpoint asked for (tags, branch
+points, ``snapshot=True``); every ``standalone_every``-th exact checkpoint is a snapshot, so a
+restore decodes at most ``standalone_every`` exact states and ``key_every`` deltas.
+Exact tensors (integer buffers, flagged or tiny tensors) are stored when they change, and at
+every exact checkpoint.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..codec.exact import encode_against
+from ..codec.modes import ROW_KIND, Params, new_encoder, params_to_json
+from ..codec.streams import encode_exact
+from ..errors import NonFiniteError
+from ..store.blob import Row
+from . import state as st
+
+
+class StateEncoder:
+    def __init__(self, params: Params, key_every: int, standalone_every: int, device: torch.device | None):
+        self.params, self.key_every, self.standalone_every, self.device = params, key_every, standalone_every, device
+        self.mode = params_to_json(params)["mode"]
+        self.encoders: dict = {}
+        self.layout_hash: str | None = None
+        self.ref: dict[str, np.ndarray] | None = None  # lossy groups' last exact state (the next key frame's reference)
+        self.ref_at: list | None = None                # [branch id, step] of it
+        self.keys_since_snapshot = 0
+        self.last_exact: dict[str, torch.Tensor] = {}
+        self.lossy_bytes = 0
+
+    def kind(self, head: dict | None, layout_hash: str, exact: bool) -> str:
+        """"delta", "key" or "snapshot" for the next checkpoint."""
+        if head is None or layout_hash != self.layout_hash or self.ref is None:
+            return "snapshot"
+        if not exact and head["depth"] + 1 < self.key_every:
+            return "delta"
+        return "snapshot" if self.keys_since_snapshot + 1 >= self.standalone_every else "key"
+
+    def rows(self, step: int, kind: str, flats: dict[str, torch.Tensor], groups: dict[str, list[str]],
+             tensors: dict[str, torch.Tensor], exact_names: list[str]) -> tuple[list[Row], dict]:
+        """(rows of the checkpoint, what :meth:`advance` needs). Raises NonFiniteError (nothing
+        changes) when a lossy group holds NaN/Inf."""
+        rows: list[Row] = []
+        pending: dict = {"kind": kind, "q": {}, "changed": {}, "flats": None}
+        if kind == "delta":
+            for g, flat in flats.items():
+                payload, table, q = self.encoders[g].encode(flat)  # raises on NaN/Inf
+                pending["q"][g] = q
+                rows.append(Row(step, g, ROW_KIND[self.mode], "float32", (flat.numel(),), payload, table))
+                self.lossy_bytes += flat.numel() * 4
+        else:
+            arrays = {}
+            for g, flat in flats.items():
+                if not bool(torch.isfinite(flat).all()):
+                    bad = next(n for n in groups[g] if not bool(torch.isfinite(tensors[n]).all()))
+                    raise NonFiniteError(f"tensor {bad!r} holds NaN or Inf at step {step}; nothing was saved")
+                arrays[g] = flat.detach().cpu().numpy().copy()
+            for g, a in arrays.items():
+                if kind == "key":
+                    rows.append(Row(step, g, "key", "float32", (a.size,), encode_against(a, self.ref[g])))
+                else:
+                    rows.append(Row(step, g, "recon", "float32", (a.size,), encode_exact(a)))
+            pending["flats"] = arrays
+        for n in exact_names:
+            t = tensors[n]
+            prev = self.last_exact.get(n)
+            if kind != "delta" or prev is None or prev.shape != t.shape or not torch.equal(prev, t.to(prev.device)):
+                pending["changed"][n] = t
+                rows.append(Row(step, n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t))))
+        return rows, pending
+
+    def entry_fields(self, kind: str, bid: str, step: int, head: dict | None) -> dict:
+        fields = {
+            "kind": kind,
+            "base": [bid, step] if kind != "delta" else head["base"],
+            "depth": 0 if kind != "delta" else head["depth"] + 1,
+            "codec": params_to_json(self.params),
+        }
+        if kind == "key":
+            fields["ref"] = list(self.ref_at)
+        return fields
+
+    def advance(self, pending: dict, layout: dict, flats: dict[str, torch.Tensor], layout_hash: str, bid: str, step: int) -> None:
+        """Move the in-memory state past a checkpoint whose rows were formed (capture)."""
+        kind = pending["kind"]
+        if kind == "delta":
+            for g, q in pending["q"].items():
+                self.encoders[g].advance(q)
+        else:
+            self.reset(layout, flats)
+            self.ref, self.ref_at = pending["flats"], [bid, step]
+            self.keys_since_snapshot = 0 if kind == "snapshot" else self.keys_since_snapshot + 1
+        self.layout_hash = layout_hash
+        for n, t in pending["changed"].items():
+            self.last_exact[n] = t.detach().clone()
+
+    def reset(self, layout: dict, flats: dict[str, torch.Tensor]) -> None:
+        self.encoders = {}
+        for g, group in layout["groups"].items():
+            enc = new_encoder(group["names"], group["sizes"], self.params, self.device or flats[g].device)
+            enc.reset(flats[g])
+            self.encoders[g] = enc
+
+    def load(self, layout: dict, layout_hash: str, recon: dict[str, np.ndarray], exact: dict[str, torch.Tensor],
+             base: dict, base_state: dict[str, np.ndarray], keys: int) -> None:
+        """Continue a branch from its head: ũ from the store, and the exact state its chain starts at."""
+        self.reset(layout, {g: torch.from_numpy(a) for g, a in recon.items()})
+        self.layout_hash = layout_hash
+        self.last_exact = dict(exact)
+        same_layout = base["layout"] == layout_hash
+        self.ref = base_state if same_layout else None
+        self.ref_at = [base["branch_id"], base["step"]]
+        self.keys_since_snapshot = keys + (base["kind"] == "key")

@@ -1,0 +1,89 @@
+"""What one save holds: named tensors, the lossy groups they fall into, and the layout document.
+
+Floating-point model tensors are the lossy groups: "model" (parameters), "buffers" (float
+buffers such as BatchNorm running statistics, whose scale has nothing to do with the weights'),
+"optim" (optimizer state, opt-in). Integer buffers, tensors under ``min_lossy_numel`` entries,
+names matching an ``exact`` pattern, RNG states and extras are stored losslessly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RaybranchError
+from . import state as st
+
+_STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")
+RESERVED = ("optim", "rng", "extra")
+
+
+@dataclass(frozen=True)
+class LayoutRules:
+    exact_patterns: tuple[re.Pattern, ...] = ()
+    min_lossy_numel: int = 8
+    optimizer_codec: str = "exact"
+    save_rng: bool | None = None
+
+    def is_lossy(self, name: str, t: torch.Tensor) -> bool:
+        if not t.is_floating_point() or t.numel() < self.min_lossy_numel:
+            return False
+        if name.startswith(("rng/", "extra/")):
+            return False
+        if name.startswith("optim/") and self.optimizer_codec != "lc":
+            return False
+        return not any(p.search(name) for p in self.exact_patterns)
+
+    def collect(self, model, optimizer, extra) -> tuple[dict[str, torch.Tensor], dict]:
+        """(flat-named tensors, JSON meta) of a save."""
+        tensors = st.model_tensors(model)
+        for k in tensors:
+            if k.split("/", 1)[0] in RESERVED:
+                raise RaybranchError(f"model state key {k!r} clashes with raybranch's reserved prefixes")
+        meta: dict = {}
+        if optimizer is not None:
+            ot, om = st.optimizer_tensors(optimizer)
+            tensors.update(ot)
+            meta["optimizer"] = om
+        if self.save_rng if self.save_rng is not None else optimizer is not None:
+            rt, rm = st.rng_tensors()
+            tensors.update(rt)
+            meta["rng"] = rm
+        if extra:
+            et, em = st.extra_tensors(extra)
+            tensors.update(et)
+            meta["extra"] = em
+        return tensors, meta
+
+    def layout(self, tensors: dict[str, torch.Tensor], buffers: set[str]) -> tuple[dict, dict[str, list[str]], list[str]]:
+        """(layout document, lossy groups {group: names}, exact names)."""
+        groups: dict[str, list[str]] = {}
+        exact: list[str] = []
+        for n, t in tensors.items():
+            if self.is_lossy(n, t):
+                g = "optim" if n.startswith("optim/") else "buffers" if n in buffers else "model"
+                groups.setdefault(g, []).append(n)
+            else:
+                exact.append(n)
+        doc = {
+            "groups": {
+                g: {
+                    "names": names,
+                    "shapes": [list(tensors[n].shape) for n in names],
+                    "dtypes": [st.dtype_name(tensors[n].dtype) for n in names],
+                    "sizes": [tensors[n].numel() for n in names],
+                }
+                for g, names in groups.items()
+            },
+            "exact": exact,
+            "model_keys": [n for n in tensors if not n.startswith(tuple(p + "/" for p in RESERVED))],
+        }
+        return doc, groups, exact
+
+
+def buffer_names(model) -> set[str]:
+    """Float buffers of a module; for a plain state_dict, BatchNorm-style running statistics."""
+    if isinstance(model, torch.nn.Module):
+        return {n for n, _ in model.named_buffers()}
+    return {n for n in model if _STAT_BUFFER.search(n)}

@@ -1,0 +1,192 @@
+"""The default lossy codec: a uniform quantizer per tensor, its step set each checkpoint so the
+restored step is within a target distance of the trained one.
+
+For a group of tensors flattened to u_t ∈ ℝ^N, with error feedback as in LC-checkpoint
+(:mod:`raybranch.codec.delta`):
+
+    δ_t = u_t − ũ_{t−1},    q_i = sign(δ_i) · ⌊|δ_i| / Δ_{s(i)} + ½⌋,    ũ_t = ũ_{t−1} + q ⊙ Δ_{s(·)}
+
+where s(i) is the tensor of entry i. The residual after the save is e_t = u_t − ũ_t = δ_t − q⊙Δ.
+
+**Steps.** Δ_s = κ_t · √σ_s, with σ_s an exponential average (factor 0.9) of tensor s's update RMS
+‖u_t − u_{t−1}‖_s / √n_s. One scalar κ_t is shared by every tensor of the group (the rate
+allocation), so tensors with small updates get proportionally finer steps and none is starved:
+√σ sits between one global step (equal slope, best for the plain L2 residual) and steps ∝ σ
+(equal relative error per tensor); docs/DECISIONS.md has the measurements.
+
+**Rate control.** κ_t is the largest value (to 5 %) for which
+
+    ‖e_t‖₂ ≤ ρ · ‖u_t − u_{t−1}‖₂          (ρ = ``residual``, default 0.9)
+
+checked exactly on the quantized vector, not estimated: every checkpoint is within ρ of one
+step's update of the trained state. The search starts at κ_{t−1}, brackets by factors of 2 and
+bisects geometrically (typically 5–8 quantizer passes). A step that changes nothing (u_t = u_{t−1})
+codes nothing. |q_i| is clipped at 2^16; the clip only binds at steps far below the entries.
+
+**Decoding** is a table lookup and a sparse add: ũ_t[i] = ũ_{t−1}[i] + float32(q_i) · Δ_{s(i)} at
+the nonzero q_i, the same float32 product and sum the encoder formed, so the decoder rebuilds ũ
+bit for bit. Parts of a state (tensors, shards, a rank's slice) encode independently: nothing here
+needs more than the part being encoded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import NonFiniteError, RaybranchError
+from .sparse import MAX_MAGNITUDE, decode_sparse_many, encode_sparse
+from .streams import FAST_LEVEL
+
+_EMA = 0.9
+_KAPPA_TOL = 1.05  # κ is found to within this factor
+_MAX_PASSES = 40
+
+
+@dataclass(frozen=True)
+class UniformParams:
+    """residual: ρ, the bound on ‖u_t − ũ_t‖ / ‖u_t − u_{t−1}‖ every checkpoint keeps (0 < ρ ≤ 4)."""
+
+    residual: float = 0.9
+    mode: str = "uniform"
+
+    def __post_init__(self):
+        if not isinstance(self.residual, (int, float)) or not 0 < self.residual <= 4:
+            raise RaybranchError(f"residual must be a number in (0, 4] (step-updates), got {self.residual!r}")
+
+    def to_json(self) -> dict:
+        return {"mode": "uniform", "residual": float(self.residual)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "UniformParams":
+        return cls(residual=float(d["residual"]))
+
+
+class UniformEncoder:
+    """Holds ũ (and the last u, for the step's own update) for one group of lossy tensors."""
+
+    def __init__(self, names: list[str], sizes: list[int], params: UniformParams, device: torch.device | str = "cpu"):
+        self.names, self.sizes, self.params = list(names), list(sizes), params
+        self.device = torch.device(device)
+        self._sizes_t = torch.tensor(self.sizes, device=self.device)
+        self.recon: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None
+        self.sigma: torch.Tensor | None = None
+        self.kappa: float | None = None
+        self.last_residual: float | None = None  # ‖e_t‖ / ‖u_t − u_{t−1}‖ of the last encode
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def reset(self, flat: torch.Tensor) -> None:
+        """Start (or restart) the chain at an exactly stored state: ũ = u."""
+        self.recon = flat.detach().to(self.device, torch.float32, copy=True)
+        self.prev = self.recon.clone()
+
+    def encode(self, flat: torch.Tensor, level: int = FAST_LEVEL) -> tuple[bytes, np.ndarray, torch.Tensor]:
+        """u_t → (sparse symbol stream, steps Δ [S] float32, q ⊙ Δ). ũ moves only in :meth:`advance`."""
+        assert self.recon is not None, "reset() first"
+        u = flat.detach().to(self.device, torch.float32)
+        delta = u - self.recon
+        if not bool(torch.isfinite(delta).all()):
+            name = self._first_nonfinite(u if not bool(torch.isfinite(u).all()) else delta)
+            if bool(torch.isfinite(u).all()):
+                raise NonFiniteError(f"the delta of tensor {name!r} overflows float32; nothing was saved")
+            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf; nothing was saved")
+        step_update = u - self.prev if self.prev is not None else delta
+        scale = self._scales(step_update, delta)
+        q, steps, qv, res = self._rate_control(delta, scale, float(step_update.norm()))
+        self.prev = u.clone()
+        return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
+
+    def advance(self, qv: torch.Tensor) -> None:
+        """ũ_t = ũ_{t−1} + q ⊙ Δ."""
+        self.recon += qv
+
+    # -- internals ----------------------------------------------------------------------------
+    def _per_tensor_rms(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.sizes)
+        return torch.stack([p.pow(2).mean() if p.numel() else x.new_zeros(()) for p in parts]).sqrt()
+
+    def _scales(self, step_update: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        st = self._per_tensor_rms(step_update)
+        fallback = self._per_tensor_rms(delta)
+        st = torch.where(st > 0, st, fallback)
+        if self.sigma is None:
+            self.sigma = st
+        else:
+            self.sigma = torch.where(st > 0, _EMA * self.sigma + (1 - _EMA) * st, self.sigma)
+        tiny = torch.finfo(torch.float32).tiny
+        return self.sigma.clamp_min(tiny).sqrt()
+
+    def _quantize(self, delta: torch.Tensor, steps: torch.Tensor):
+        full = torch.repeat_interleave(steps, self._sizes_t)
+        mag = torch.floor(delta.abs() / full + 0.5).clamp_(max=MAX_MAGNITUDE).to(torch.int32)
+        q = torch.where(delta < 0, -mag, mag)
+        qv = q.to(torch.float32) * full
+        return q, qv
+
+    def _rate_control(self, delta: torch.Tensor, scale: torch.Tensor, step_norm: float):
+        """The largest κ (to 5 %) with ‖δ − q⊙Δ‖ ≤ ρ·‖u_t − u_{t−1}‖; see the module docstring."""
+        dnorm = float(delta.norm())
+        target = self.params.residual * step_norm
+        zero_q = torch.zeros_like(delta, dtype=torch.int32)
+        if dnorm <= target or dnorm == 0:
+            self.last_residual = dnorm / step_norm if step_norm > 0 else None
+            return zero_q, torch.zeros_like(scale), torch.zeros_like(delta), dnorm
+        amax = torch.stack([p.abs().max() if p.numel() else p.new_zeros(()) for p in torch.split(delta, self.sizes)])
+        live = amax > 0
+        kappa_min = float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE  # below it every tensor's largest entry clips
+        kappa = self.kappa if self.kappa else dnorm / math.sqrt(delta.numel()) / float(scale.mean())
+        lo = hi = None
+        ok = closest = None  # (q, steps, qv, r, κ): the largest κ meeting the target; the smallest residual
+        for _ in range(_MAX_PASSES):
+            steps = (kappa * scale).float()
+            q, qv = self._quantize(delta, steps)
+            r = float((delta - qv).norm())
+            if closest is None or r < closest[3]:
+                closest = (q, steps, qv, r, kappa)
+            if r <= target:
+                if ok is None or kappa > ok[4]:
+                    ok = (q, steps, qv, r, kappa)
+                lo = kappa
+                kappa = kappa * 2 if hi is None else math.sqrt(kappa * hi)
+            else:
+                hi = kappa
+                if kappa <= kappa_min:
+                    break
+                kappa = kappa / 2 if lo is None else math.sqrt(kappa * lo)
+            if lo is not None and hi is not None and hi / lo < _KAPPA_TOL:
+                break
+        q, steps, qv, r, kappa = ok or closest
+        self.kappa = kappa
+        self.last_residual = r / step_norm if step_norm > 0 else None
+        return q, steps, qv, r
+
+    def _first_nonfinite(self, flat: torch.Tensor) -> str:
+        bad = torch.nonzero(~torch.isfinite(flat))[0].item()
+        return self.names[int(np.searchsorted(np.cumsum(self.sizes), bad, side="right"))]
+
+
+def apply_uniform(acc: np.ndarray, payloads: list[bytes], steps: list[np.ndarray], seg_offsets: np.ndarray | None) -> None:
+    """acc ← acc + q ⊙ Δ for consecutive deltas, in order, in place: float32, the same products
+    and sums the encoder formed, so bit-exact with it. ``np.add.at`` adds repeated indices in
+    order, so one pass serves every delta of a chain."""
+    if not payloads:
+        return
+    idx, vals, counts = decode_sparse_many(payloads, acc.size)
+    S = 1 if seg_offsets is None else seg_offsets.size
+    table = np.stack([np.asarray(t, np.float32).reshape(-1) for t in steps])
+    if table.shape[1] != S:
+        raise ValueError(f"{table.shape[1]} steps for {S} segments")
+    if seg_offsets is None:
+        which = np.repeat(np.arange(len(payloads)), counts)
+    else:  # each stream's indices ascend: its segment boundaries are S searches, not one per entry
+        ends = np.cumsum(counts)
+        cuts = [np.searchsorted(idx[e - k : e], seg_offsets[1:]) for e, k in zip(ends, counts)]
+        which = np.concatenate([np.repeat(np.arange(S) + d * S, np.diff(np.concatenate([[0], c, [k]])))
+                                for d, (c, k) in enumerate(zip(cuts, counts))])
+    np.add.at(acc, idx, vals.astype(np.float32) * table.reshape(-1)[which])
