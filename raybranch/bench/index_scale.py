@@ -106,7 +106,8 @@ def build(store, n: int, flush_every: int, snapshot_every: int, segment_size: in
     x = torch.randn(4096, 16)
     y = x @ torch.randn(16, 16) + 0.1 * torch.randn(4096, 16)
     g = torch.Generator().manual_seed(seed)
-    ck = Checkpointer(store, run, "main", flush_every=flush_every, snapshot_every=snapshot_every, segment_size=segment_size)
+    ck = Checkpointer(store, run, "main", flush_every=flush_every, snapshot_every=snapshot_every, standalone_every=1,
+                      segment_size=segment_size)  # every exact checkpoint standalone: restore reads one chain
     recons, t0, every = {}, time.perf_counter(), max(n // 10, 1)
     for step in range(n):
         _sgd_step(model, x, y, g)

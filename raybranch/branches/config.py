@@ -57,7 +57,7 @@ class ExperimentConfig:
     trigger_size: int = 6              # px of 28 (a 3 px patch is not learnt before early stopping)
     mechanisms: tuple[str, ...] = MECHANISMS
     codec: str = "uniform"             # uniform (default) | lc (LC-checkpoint, the baseline)
-    residual: float = 0.9              # uniform: every restored step within this many step-updates of the trained one
+    residual: float = 0.95             # uniform: every restored step within this many step-updates of the trained one
     bits: int = 3
     granularity: str = "tensor"
     snapshot_every: int | None = None  # deltas between exact key frames (None: the Checkpointer's default)

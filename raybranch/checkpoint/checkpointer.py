@@ -7,7 +7,7 @@
 
 Per checkpoint, floating-point model tensors (the *lossy groups*) are coded against the previous
 reconstruction: by default with the uniform codec, which keeps every restored step within
-``residual`` (0.9) of one step's update of the trained one (:mod:`raybranch.codec.uniform`);
+``residual`` (0.95) of one step's update of the trained one (:mod:`raybranch.codec.uniform`);
 ``codec="lc"`` is LC-checkpoint, the baseline. Integer buffers, tensors under
 ``min_lossy_numel`` entries, names matching ``exact`` and (by default) optimizer state are stored
 losslessly, and only when they changed. Exact checkpoints (the first, tagged ones,
@@ -58,7 +58,7 @@ class Checkpointer:
         branch: str = "main",
         *,
         codec: str = "uniform",
-        residual: float = 0.9,
+        residual: float = 0.95,
         bits: int = 3,
         granularity: str = "tensor",
         value: str = "mean",

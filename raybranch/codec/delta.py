@@ -1,4 +1,4 @@
-"""Delta coding with error feedback (report §5.2.1, DESIGN.md "Codec").
+"""Delta coding with error feedback (report §5.2.1; docs/DECISIONS.md).
 
 For checkpoint t of a group of lossy tensors flattened to u_t ∈ ℝ^N (float32):
 
@@ -41,7 +41,7 @@ class DeltaEncoder:
         return self.layout.numel
 
     def reset(self, flat: torch.Tensor) -> None:
-        """Start (or restart) the chain at an exactly stored state: ũ = u."""
+        """Start (or restart) the chain at a stored state: ũ = ``flat``."""
         self.recon = flat.detach().to(self.device, torch.float32, copy=True)
 
     def encode(self, flat: torch.Tensor, level: int = FAST_LEVEL) -> tuple[bytes, np.ndarray, torch.Tensor]:

@@ -43,11 +43,12 @@ def params_to_json(p: Params) -> dict:
 
 
 def make_params(mode: str, *, residual: float, bits: int, granularity: str, value: str) -> Params:
+    """The parameters of codec ``mode``; every argument is checked, whichever mode uses it."""
     if mode not in MODES:
         raise RaybranchError(f"codec must be one of {MODES}, got {mode!r}")
-    if mode == "uniform":
-        return UniformParams(residual=residual)
-    return LCParams(bits=bits, granularity=granularity, value=value)
+    lc = LCParams(bits=bits, granularity=granularity, value=value)
+    uniform = UniformParams(residual=residual)
+    return uniform if mode == "uniform" else lc
 
 
 def new_encoder(names: list[str], sizes: list[int], params: Params, device: torch.device | str):

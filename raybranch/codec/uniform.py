@@ -8,20 +8,27 @@ For a group of tensors flattened to u_t ∈ ℝ^N, with error feedback as in LC-
 
 where s(i) is the tensor of entry i. The residual after the save is e_t = u_t − ũ_t = δ_t − q⊙Δ.
 
-**Steps.** Δ_s = κ_t · √σ_s, with σ_s an exponential average (factor 0.9) of tensor s's update RMS
-‖u_t − u_{t−1}‖_s / √n_s. One scalar κ_t is shared by every tensor of the group (the rate
-allocation), so tensors with small updates get proportionally finer steps and none is starved:
-√σ sits between one global step (equal slope, best for the plain L2 residual) and steps ∝ σ
-(equal relative error per tensor); docs/DECISIONS.md has the measurements.
+**Steps.** Δ_s = κ_t · √σ_s, with σ_s tensor s's update RMS ‖u_t − u_{t−1}‖_s / √n_s (its
+‖δ_t‖_s / √n_s when it did not move). One scalar κ_t is shared by every tensor of the group (the
+rate allocation), so tensors with small updates get proportionally finer steps and none is
+starved: √σ sits between one global step (equal slope, best for the plain L2 residual) and
+steps ∝ σ (equal relative error per tensor); docs/DECISIONS.md has the measurements.
 
 **Rate control.** κ_t is the largest value (to 5 %) for which
 
-    ‖e_t‖₂ ≤ ρ · ‖u_t − u_{t−1}‖₂          (ρ = ``residual``, default 0.9)
+    ‖u_t − ũ_t‖₂ ≤ ρ · ‖u_t − u_{t−1}‖₂          (ρ = ``residual``, default 0.95)
 
-checked exactly on the quantized vector, not estimated: every checkpoint is within ρ of one
-step's update of the trained state. The search starts at κ_{t−1}, brackets by factors of 2 and
-bisects geometrically (typically 5–8 quantizer passes). A step that changes nothing (u_t = u_{t−1})
-codes nothing. |q_i| is clipped at 2^16; the clip only binds at steps far below the entries.
+checked exactly on the float32 reconstruction the decoder will hold, not estimated: every
+checkpoint is within ρ of one step's update of the trained state. The search starts from the
+data (κ₀ = RMS(δ) / mean √σ), brackets by factors of 2 and bisects geometrically (typically 5–8
+quantizer passes), so the code is a function of (u_t, u_{t−1}, ũ_{t−1}) alone. A step that
+changes nothing (u_t = u_{t−1}) codes nothing. |q_i| is clipped at 2^16; the clip only binds at
+steps far below the entries.
+
+The encoder needs u_{t−1}. A writer that continues a branch (a restarted job, a fork) takes it to
+be the head's reconstruction ũ: training that goes on from a restored state starts exactly
+there. After a group that failed to commit, the training went on from the true state instead, and
+the first step's bound is relative to its distance from the last committed reconstruction.
 
 **Decoding** is a table lookup and a sparse add: ũ_t[i] = ũ_{t−1}[i] + float32(q_i) · Δ_{s(i)} at
 the nonzero q_i, the same float32 product and sum the encoder formed, so the decoder rebuilds ũ
@@ -40,7 +47,6 @@ from ..errors import NonFiniteError, RaybranchError
 from .sparse import MAX_MAGNITUDE, decode_sparse_many, encode_sparse
 from .streams import FAST_LEVEL
 
-_EMA = 0.9
 _KAPPA_TOL = 1.05  # κ is found to within this factor
 _MAX_PASSES = 40
 
@@ -49,7 +55,7 @@ _MAX_PASSES = 40
 class UniformParams:
     """residual: ρ, the bound on ‖u_t − ũ_t‖ / ‖u_t − u_{t−1}‖ every checkpoint keeps (0 < ρ ≤ 4)."""
 
-    residual: float = 0.9
+    residual: float = 0.95
     mode: str = "uniform"
 
     def __post_init__(self):
@@ -72,9 +78,7 @@ class UniformEncoder:
         self.device = torch.device(device)
         self._sizes_t = torch.tensor(self.sizes, device=self.device)
         self.recon: torch.Tensor | None = None
-        self.prev: torch.Tensor | None = None
-        self.sigma: torch.Tensor | None = None
-        self.kappa: float | None = None
+        self.prev: torch.Tensor | None = None  # u_{t−1}
         self.last_residual: float | None = None  # ‖e_t‖ / ‖u_t − u_{t−1}‖ of the last encode
 
     @property
@@ -82,7 +86,7 @@ class UniformEncoder:
         return sum(self.sizes)
 
     def reset(self, flat: torch.Tensor) -> None:
-        """Start (or restart) the chain at an exactly stored state: ũ = u."""
+        """Start (or restart) the chain at a stored state: ũ = u_{t−1} = ``flat``."""
         self.recon = flat.detach().to(self.device, torch.float32, copy=True)
         self.prev = self.recon.clone()
 
@@ -96,9 +100,9 @@ class UniformEncoder:
             if bool(torch.isfinite(u).all()):
                 raise NonFiniteError(f"the delta of tensor {name!r} overflows float32; nothing was saved")
             raise NonFiniteError(f"tensor {name!r} holds NaN or Inf; nothing was saved")
-        step_update = u - self.prev if self.prev is not None else delta
+        step_update = u - self.prev
         scale = self._scales(step_update, delta)
-        q, steps, qv, res = self._rate_control(delta, scale, float(step_update.norm()))
+        q, steps, qv = self._rate_control(u, delta, scale, float(step_update.norm()))
         self.prev = u.clone()
         return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
 
@@ -113,14 +117,8 @@ class UniformEncoder:
 
     def _scales(self, step_update: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         st = self._per_tensor_rms(step_update)
-        fallback = self._per_tensor_rms(delta)
-        st = torch.where(st > 0, st, fallback)
-        if self.sigma is None:
-            self.sigma = st
-        else:
-            self.sigma = torch.where(st > 0, _EMA * self.sigma + (1 - _EMA) * st, self.sigma)
-        tiny = torch.finfo(torch.float32).tiny
-        return self.sigma.clamp_min(tiny).sqrt()
+        st = torch.where(st > 0, st, self._per_tensor_rms(delta))
+        return st.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
     def _quantize(self, delta: torch.Tensor, steps: torch.Tensor):
         full = torch.repeat_interleave(steps, self._sizes_t)
@@ -129,24 +127,23 @@ class UniformEncoder:
         qv = q.to(torch.float32) * full
         return q, qv
 
-    def _rate_control(self, delta: torch.Tensor, scale: torch.Tensor, step_norm: float):
-        """The largest κ (to 5 %) with ‖δ − q⊙Δ‖ ≤ ρ·‖u_t − u_{t−1}‖; see the module docstring."""
+    def _rate_control(self, u: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, step_norm: float):
+        """The largest κ (to 5 %) with ‖u_t − (ũ_{t−1} + q⊙Δ)‖ ≤ ρ·‖u_t − u_{t−1}‖; see the module docstring."""
         dnorm = float(delta.norm())
         target = self.params.residual * step_norm
-        zero_q = torch.zeros_like(delta, dtype=torch.int32)
         if dnorm <= target or dnorm == 0:
             self.last_residual = dnorm / step_norm if step_norm > 0 else None
-            return zero_q, torch.zeros_like(scale), torch.zeros_like(delta), dnorm
+            return torch.zeros_like(delta, dtype=torch.int32), torch.zeros_like(scale), torch.zeros_like(delta)
         amax = torch.stack([p.abs().max() if p.numel() else p.new_zeros(()) for p in torch.split(delta, self.sizes)])
         live = amax > 0
         kappa_min = float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE  # below it every tensor's largest entry clips
-        kappa = self.kappa if self.kappa else dnorm / math.sqrt(delta.numel()) / float(scale.mean())
+        kappa = dnorm / math.sqrt(delta.numel()) / float(scale.mean())
         lo = hi = None
         ok = closest = None  # (q, steps, qv, r, κ): the largest κ meeting the target; the smallest residual
         for _ in range(_MAX_PASSES):
             steps = (kappa * scale).float()
             q, qv = self._quantize(delta, steps)
-            r = float((delta - qv).norm())
+            r = float((u - (self.recon + qv)).norm())
             if closest is None or r < closest[3]:
                 closest = (q, steps, qv, r, kappa)
             if r <= target:
@@ -161,10 +158,9 @@ class UniformEncoder:
                 kappa = kappa / 2 if lo is None else math.sqrt(kappa * lo)
             if lo is not None and hi is not None and hi / lo < _KAPPA_TOL:
                 break
-        q, steps, qv, r, kappa = ok or closest
-        self.kappa = kappa
+        q, steps, qv, r, _ = ok or closest
         self.last_residual = r / step_norm if step_norm > 0 else None
-        return q, steps, qv, r
+        return q, steps, qv
 
     def _first_nonfinite(self, flat: torch.Tensor) -> str:
         bad = torch.nonzero(~torch.isfinite(flat))[0].item()

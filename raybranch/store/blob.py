@@ -4,12 +4,14 @@ Columns::
 
     step     int64          the checkpoint's step (a compacted segment holds many steps)
     name     string         tensor name, or the lossy group's name ("model", "optim")
-    kind     string         "lc"    LC symbol stream of a group (payload) + its bucket tables
-                            "recon" a group's reconstruction ũ, exact float32 (snapshots)
+    kind     string         "uq"    uniform-codec delta of a group (payload) + its steps per tensor
+                            "lc"    LC symbol stream of a group (payload) + its bucket tables
+                            "recon" a group's exact state, float32, standalone (snapshots)
+                            "key"   a group's exact state coded against the previous exact one
                             "exact" one tensor, lossless (integer buffers, tiny or flagged tensors)
     dtype    string         torch dtype name
     shape    list<int64>
-    table    list<float32>  LC bucket tables [S × 2^bits], row-major (null unless kind = "lc")
+    table    list<float32>  "uq": steps Δ [S]; "lc": bucket tables [S × 2^bits], row-major; else null
     payload  large_binary   zstd stream (see raybranch.codec.streams)
 
 Schema metadata ``raybranch`` holds a small JSON header (format, run, branch_id, the step or steps). Nothing is pickled:

@@ -3,6 +3,11 @@ keeps, after every save, what the encoder says the reconstruction is, and reader
 branch holds in the store (format v2: commit records, sealed pages)."""
 from __future__ import annotations
 
+# Tests that compare a resumed or rebuilt writer with an uninterrupted one bit for bit use LC: it codes
+# step t from (u_t, ũ_{t−1}) alone. The uniform codec also uses u_{t−1}, which a writer that
+# continues a branch takes to be ũ_{t−1} (training resumed from a restore starts there).
+MEMORYLESS = {"codec": "lc"}
+
 import os
 
 import torch

@@ -34,7 +34,8 @@ def states(seed: int, n: int = MAX_STEPS):
 def checkpointer(uri: str, run: str):
     import raybranch as rb
 
-    return rb.Checkpointer(rb.open_store(uri), run=run, branch="main", segment_size=SEGMENT_SIZE)
+    return rb.Checkpointer(rb.open_store(uri), run=run, branch="main", segment_size=SEGMENT_SIZE,
+                           codec="lc")  # compared with an uninterrupted run bit for bit: see ckpt_testkit.MEMORYLESS
 
 
 def main(uri: str, run: str, seed: int) -> None:

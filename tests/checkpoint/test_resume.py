@@ -10,7 +10,7 @@ import torch
 
 import raybranch as rb
 
-from ckpt_testkit import Recorder, assert_matches_record, make_model, sgd_step
+from ckpt_testkit import MEMORYLESS, Recorder, assert_matches_record, make_model, sgd_step
 
 BACKENDS = ["file_uri", "s3_uri"]
 
@@ -39,13 +39,13 @@ def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segmen
             yield step, model, opt
 
     # uninterrupted reference run, in its own store
-    ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), run="exp1", segment_size=segment_size)
+    ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), run="exp1", segment_size=segment_size, **MEMORYLESS)
     ref_rec = Recorder()
     for step, model, opt in trajectory():
         ref_rec.save(ref, step, model, opt)
 
     # the same run, stopped after step ``stop`` and resumed by a new Checkpointer
-    first = rb.Checkpointer(uri, run="exp1", segment_size=segment_size)
+    first = rb.Checkpointer(uri, run="exp1", segment_size=segment_size, **MEMORYLESS)
     rec = Recorder()
     traj = trajectory()
     for step, model, opt in traj:
@@ -55,7 +55,7 @@ def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segmen
     assert first.epoch == 1
     del first
 
-    resumed = rb.Checkpointer(uri, run="exp1", segment_size=segment_size)
+    resumed = rb.Checkpointer(uri, run="exp1", segment_size=segment_size, **MEMORYLESS)
     assert resumed.epoch is None
     head = resumed.head()  # loads the head: registers as the branch's writer
     assert resumed.epoch == 2
@@ -226,3 +226,31 @@ def test_rng_round_trip_exact(file_uri):
     rb.set_rng(st["rng"]["tensors"], st["rng"]["meta"])
     got = (torch.rand(5), np.random.standard_normal(5), [random.gauss(0, 1) for _ in range(3)], random.random())
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2] and got[3] == want[3]
+
+
+def test_uniform_writer_resumed_from_a_restore_keeps_the_bound(file_uri):
+    """Training resumed from a restored head starts at ũ_head: the new writer takes that as u_{t−1},
+    so every later step is within ``residual`` of its own update, and restores bit for bit."""
+    model = make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(5)
+    first = rb.Checkpointer(file_uri, run="exp1", residual=0.5)
+    for step in range(6):
+        sgd_step(model, opt, gen)
+        first.save(step, model, opt)
+    del first
+    resumed = rb.Checkpointer(file_uri, run="exp1", residual=0.5)
+    state = resumed.restore()
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    rec = Recorder()
+    for step in range(6, 12):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        sgd_step(model, opt, gen)
+        rec.save(resumed, step, model, opt)
+        enc = resumed._enc.encoders["model"]
+        u = torch.cat([model.state_dict()[n].reshape(-1) for n in enc.names])
+        prev = torch.cat([before[n].reshape(-1) for n in enc.names])
+        assert float((u - enc.recon).norm()) <= 0.5 * float((u - prev).norm()) * (1 + 1e-6)
+    for step in range(6, 12):
+        assert_matches_record(rb.Checkpointer(file_uri, run="exp1").restore(step), rec, step)

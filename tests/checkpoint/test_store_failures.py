@@ -12,7 +12,7 @@ from raybranch.ledger.verify import verify_store
 from raybranch.store.store import Store
 from raybranch.store.uri import parse_uri
 
-from ckpt_testkit import Recorder, assert_matches_record, branch_id, commit_seqs, committed, make_model, sealed_pages, sgd_step
+from ckpt_testkit import MEMORYLESS, Recorder, assert_matches_record, branch_id, commit_seqs, committed, make_model, sealed_pages, sgd_step
 
 
 class FlakyStore(Store):
@@ -84,14 +84,14 @@ def test_failed_head_read_is_retried_not_a_new_chain(file_uri):
 def test_failed_group_commit_loses_the_group_and_the_chain_goes_on(file_uri, tmp_path, where):
     states = dict(_states(13))
     # ground truth: a clean store that never saw steps 5..8
-    ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), "r", "main", flush_every=4, segment_size=3)
+    ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), "r", "main", flush_every=4, segment_size=3, **MEMORYLESS)
     ref_rec = Recorder()
     for s in [0, 1, 2, 3, 4, 9, 10, 11, 12]:
         ref_rec.save(ref, s, states[s])
     ref.close()
 
     flaky = FlakyStore(file_uri, only=where)
-    ck = rb.Checkpointer(flaky, "r", "main", flush_every=4, segment_size=3)
+    ck = rb.Checkpointer(flaky, "r", "main", flush_every=4, segment_size=3, **MEMORYLESS)
     rec = Recorder()
     for s in range(5):
         rec.save(ck, s, states[s])  # commits: [0] (the snapshot), [1..4]

@@ -88,7 +88,8 @@ def test_group_commits(uri):
 
     log = ckpt.log()
     assert [r["step"] for r in log] == list(range(20))
-    assert [r["kind"] for r in log] == ["snapshot"] + ["delta"] * 15 + ["snapshot", "delta", "delta", "delta"]
+    # tagged saves and snapshot=True are exact key frames
+    assert [r["kind"] for r in log] == ["snapshot"] + ["delta"] * 10 + ["key"] + ["delta"] * 4 + ["key", "delta", "delta", "delta"]
     assert log[11]["tags"] == ["eval"] and log[1]["parent"] == ["main", 0] and log[8]["depth"] == 8
     assert len({r["bytes"] for r in log[1:9]}) == 1  # the steps of a group share its blob
     fresh = rb.Reader(other, "exp1")
