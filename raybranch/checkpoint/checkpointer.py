@@ -111,8 +111,12 @@ class Checkpointer:
         self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
 
     # -- public API ---------------------------------------------------------------------------
-    def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None, snapshot: bool = False) -> str:
+    def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None,
+             snapshot: bool | None = None) -> str:
         """Commit a checkpoint of ``model`` (module or state_dict) at ``step``; returns its id.
+
+        ``snapshot``: True makes it exact (a key frame), False lossy even when tagged; None
+        (default): exact when it carries tags.
 
         Nothing is written when any tensor holds NaN/Inf (:class:`NonFiniteError`) or when the
         step does not come after the branch's head. A newer writer of the branch makes this raise
@@ -137,7 +141,7 @@ class Checkpointer:
         layout_bytes = json_bytes(layout)
         layout_hash = hashlib.sha256(layout_bytes).hexdigest()
         enc = self._enc
-        kind = enc.kind(self._head, layout_hash, exact=snapshot or bool(tags))
+        kind = enc.kind(self._head, layout_hash, exact=bool(tags) if snapshot is None else snapshot)
         t0 = time.perf_counter()
         rows, pending = enc.rows(step, kind, flats, groups, tensors, exact_names)  # raises on NaN/Inf: nothing written yet
         self.timings["encode_s"] += time.perf_counter() - t0

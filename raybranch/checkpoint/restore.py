@@ -140,7 +140,8 @@ def exact_state(exacts: list[dict], blobs: BlobCache) -> dict[str, np.ndarray]:
         for r in _rows_of(blobs, e):
             try:
                 if r.kind == "recon":
-                    acc[r.name] = np.array(decode_exact(r.payload, np.float32, r.shape), copy=True)
+                    a = decode_exact(r.payload, np.float32, r.shape)
+                    acc[r.name] = a if a.flags.writeable else a.copy()
                 elif r.kind == "key":
                     if r.name not in acc:
                         raise ValueError("its reference lacks the group")
@@ -158,10 +159,11 @@ def _rows_of(blobs: BlobCache, entry: dict) -> list[Row]:
 
 
 def group_tensors(flat: np.ndarray, group: dict) -> dict[str, torch.Tensor]:
+    """The group's tensors; float32 ones are views of ``flat`` (which the caller hands over)."""
     out, off = {}, 0
     t = torch.from_numpy(flat)
     for name, shape, dtype, size in zip(group["names"], group["shapes"], group["dtypes"], group["sizes"]):
-        out[name] = t[off : off + size].reshape(shape).to(st.dtype_from_name(dtype), copy=True)
+        out[name] = t[off : off + size].reshape(shape).to(st.dtype_from_name(dtype))
         off += size
     return out
 

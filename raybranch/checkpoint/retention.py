@@ -3,8 +3,10 @@
 A branch's policy lives in its ref (``{"keep_steps": N, "keep_days": D}``, either or both; a step
 is *recent* if it is among the last N steps or younger than D days). ``raybranch gc`` applies it:
 
-* the cutoff is the newest snapshot at or before the oldest recent step — every lossy step
-  after it decodes from it, so nothing at or after it loses its chain;
+* the cutoff is the newest exact checkpoint (snapshot or key frame) of a sealed page at or before
+  the oldest recent step — every step after it decodes from it or from a later exact one, so
+  nothing at or after it loses its chain; a key frame there is materialized as a standalone
+  snapshot first (the key frames after it are coded against it, or against later ones);
 * each sealed page holding steps before the cutoff is rewritten as a new generation
   (:func:`raybranch.ledger.pages.replace_page`) holding only its snapshots, its tagged steps and
   the steps other branches fork from or links point at (and its steps from the cutoff on, as
@@ -71,7 +73,7 @@ def apply_retention(store: Store, run: str, now: float | None = None) -> int:
     return dropped
 
 
-def _cutoff(entries: list[dict], policy: dict, now: float) -> int | None:
+def _cutoff(entries: list[dict], policy: dict, now: float, sealed_up_to: int) -> int | None:
     if not entries:
         return None
     cuts = []
@@ -82,32 +84,37 @@ def _cutoff(entries: list[dict], policy: dict, now: float) -> int | None:
         young = [e["step"] for e in entries if e["time"] >= now - float(policy["keep_days"]) * DAY_S]
         cuts.append(young[0] if young else entries[-1]["step"] + 1)
     oldest_recent = min(cuts)
-    snaps = [e["step"] for e in entries if e["kind"] == "snapshot" and e["step"] <= oldest_recent]
-    return snaps[-1] if snaps else None
+    exact = [e["step"] for e in entries if e["kind"] in ("snapshot", "key") and e["step"] <= min(oldest_recent, sealed_up_to)]
+    return exact[-1] if exact else None
 
 
 def thin_branch(store: Store, run: str, lin: Lineage, policy: dict, protected: set[int], now: float) -> int:
     log = lin.log
     entries = log.all_entries()
-    cutoff = _cutoff(entries, policy, now)
+    sealed = [p.last_step for p in log.pages if p.last_step is not None]
+    cutoff = _cutoff(entries, policy, now, max(sealed)) if sealed else None
     if cutoff is None:
         return 0
     reader = Reader(store, run)
-    pages = [p for p in log.pages if p.first_step is not None and p.first_step < cutoff]
+    pages = [p for p in log.pages if p.first_step is not None and p.first_step <= cutoff]
+
+    def materialize(e: dict) -> bool:
+        return (e["step"] < cutoff and e["kind"] != "snapshot" and (e["tags"] or e["step"] in protected)) or \
+               (e["step"] == cutoff and e["kind"] == "key")
+
     # materialize first, while every chain is whole: a rewritten page drops deltas later steps were built on
     recons = {e["step"]: reader.recon(lin, e["step"])
-              for p in pages for e in log.page(p.first_seq, p.last_seq)["steps"]
-              if e["step"] < cutoff and e["kind"] != "snapshot" and (e["tags"] or e["step"] in protected)}
+              for p in pages for e in log.page(p.first_seq, p.last_seq)["steps"] if materialize(e)}
     dropped = 0
     for p in pages:
         page = log.page(p.first_seq, p.last_seq)
         keep = [e for e in page["steps"] if e["step"] >= cutoff or e["kind"] == "snapshot" or e["tags"] or e["step"] in protected]
-        if len(keep) == len(page["steps"]):
+        if len(keep) == len(page["steps"]) and not any(materialize(e) for e in keep):
             continue
         rows: list[Row] = []
         kept = []
         for e in keep:
-            if e["kind"] == "snapshot" or e["step"] >= cutoff:  # as they are: their chains start at or after the cutoff
+            if not materialize(e) and (e["kind"] == "snapshot" or e["step"] >= cutoff):  # as they are: their chains start at or after the cutoff
                 rows += reader.blobs.step_rows(e)
                 kept.append(e)
             else:  # materialize ũ_t: it restores exactly as before, without its chain

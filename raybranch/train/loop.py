@@ -27,8 +27,10 @@ step the loop writes n more checkpoints of the *same* state at steps last + 1 �
 (tag ``settle``, no optimizer step): each codes δ = u − ũ = e, so the error shrinks by the
 codec's factor per round (3–4× measured on LeNet-5/digits at 3 bits) for one small delta each.
 The slice-end tag goes on the last of them. Report them apart from training checkpoints.
-``end_snapshot=True`` instead writes the slice end as an exact snapshot (no settle needed; one
-read restores it — what serving a branch's head at once asks for — at the price of a full copy).
+``end_snapshot=True`` instead writes the slice end as an exact key frame (no settle needed; it
+restores bit for bit in one decode from the previous exact state — what serving a branch's head
+at once asks for — at about half a snapshot's size). Experiments choose it with ``slice_end``
+(``exact``, their default, or ``lossy``); settle is kept for comparison.
 
 Non-finite loss (``nan_policy="rollback"``, the report's first motivation for checkpoints).
 A NaN/Inf loss, or a NaN/Inf parameter after a step, at step t: restore the branch head
@@ -228,14 +230,14 @@ def train_slice(
         state, extra = checkpoint_state(model, lora, anchor)
         last_tags = [f"slice-end:{slice_id}"] if end else []
         ckpt.save(step_, state, optimizer, extra, slices=[slice_id], tags=[] if end and n_settle else last_tags,
-                  snapshot=end and end_snapshot)
+                  snapshot=end and end_snapshot)  # a lossy slice end unless asked: tags alone would make it exact
         res.checkpoints += 1
         since_ckpt = 0
         progressed = True
         if end:
             for i in range(1, n_settle + 1):
                 tags = ([SETTLE_TAG] + last_tags) if i == n_settle else [SETTLE_TAG]
-                ckpt.save(step_ + i, state, optimizer, extra, slices=[slice_id], tags=tags)
+                ckpt.save(step_ + i, state, optimizer, extra, slices=[slice_id], tags=tags, snapshot=False)
                 res.checkpoints += 1
                 res.settle_checkpoints += 1
             step = step_ + n_settle

@@ -67,7 +67,8 @@ def test_log_table_and_json(populated_both):
     assert sorted({r["branch"] for r in recs}) == ["clean", "main"]
     assert [r["step"] for r in recs if r["branch"] == "main"] == list(range(10))
     main_recs = [r for r in recs if r["branch"] == "main"]
-    assert main_recs[0]["kind"] == "snapshot" and {r["kind"] for r in main_recs[1:]} == {"delta"}
+    assert main_recs[0]["kind"] == "snapshot" and {r["kind"] for r in main_recs[1:] if not r["tags"]} == {"delta"}
+    assert all(r["kind"] == "key" for r in main_recs[1:] if r["tags"])  # tagged steps are exact key frames
     # a fork copies nothing: clean's log is its fork point, a record of main's step 5
     (fork,) = [r for r in recs if r["branch"] == "clean"]
     assert fork["kind"] == "fork" and fork["step"] == 5 and fork["parent"] == ["main", 5] and fork["bytes"] == 0
@@ -174,7 +175,7 @@ def test_bench_codec_json_small():
     rows = json.loads(out.stdout)["models"]["lenet5"]["rows"]
     assert {"baseline", "default", "residual 0.5", "key_every 64"} <= set(rows)
     d = rows["default"]
-    assert d["residual_max"] <= 0.9 * (1 + 1e-5) and d["restore_bit_exact"] and d["ratio"] > 1
+    assert d["residual_max"] <= 0.95 * (1 + 1e-5) and d["restore_bit_exact"] and d["ratio"] > 1
     assert rows["residual 0.5"]["residual_max"] <= 0.5 * (1 + 1e-5) and rows["baseline"]["ratio_vs_baseline"] == 1.0
     bad = cli("bench", "codec", "--models", "nope")
     assert bad.returncode != 0 and "unknown nope" in bad.stderr

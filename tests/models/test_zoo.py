@@ -8,7 +8,7 @@ from torch import nn
 from raybranch.models import MODEL_NAMES, ModelConfigError, WeightsNotFoundError, build_model, vit_patch_size
 
 torch.set_num_threads(2)
-SMALL = ["lenet5", "alexnet-small", "vgg16-small", "vit-tiny", "vit-small"]
+SMALL = ["lenet5", "lenet5-tanh", "resnet-small", "alexnet-small", "vgg16-small", "vit-tiny", "vit-small"]
 
 
 def test_registry_lists_every_model():
@@ -22,7 +22,22 @@ def test_small_models_forward(name, channels, size, classes):
     model = build_model(name, num_classes=classes, in_channels=channels, image_size=size)
     out = model(torch.randn(3, channels, size, size))
     assert out.shape == (3, classes) and bool(torch.isfinite(out).all())
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert has_bn == (name == "resnet-small")  # the report's models have no BatchNorm; the codec benchmark's ResNet does
+
+
+def test_lenet5_tanh_is_lecuns():
+    model = build_model("lenet5-tanh")
+    assert sum(p.numel() for p in model.parameters()) == 61706
+    assert {type(m) for m in model.modules()} >= {nn.Tanh, nn.AvgPool2d} and not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in model.modules())
+
+
+def test_resnet_small_has_skips_and_integer_buffers():
+    sd = build_model("resnet-small").state_dict()
+    assert any(k.endswith("num_batches_tracked") and not v.is_floating_point() for k, v in sd.items())
+    assert any("shortcut" in k for k in sd)
+    with pytest.raises(Exception, match="too small"):
+        build_model("resnet-small", image_size=2)
 
 
 def test_lenet5_is_the_classic_one():
