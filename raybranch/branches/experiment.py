@@ -314,7 +314,7 @@ class Experiment:
             merge_and_reinit_(model, self.merge_generator(k - 1))
         step, results = from_step, []
         for s in range(k + 1, n + 1):
-            res = self.train(model, opt, s, rp_ck, step, merge)
+            res = self.train(model, opt, s, rp_ck, step, merge, end_snapshot=cfg.exact_slice_end(mech, "replay"))
             step = res.last_step
             results.append(_slice_summary(res))
         rp_ck.close()

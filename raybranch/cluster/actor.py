@@ -168,7 +168,7 @@ class AsyncCheckpointer:
             return actor
 
     # -- saving ---------------------------------------------------------------------------------
-    def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None, snapshot: bool = False) -> str:
+    def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None, snapshot: bool | None = None) -> str:
         """Queue a checkpoint of ``model`` at ``step``; returns the id it will have.
 
         Raises the error of an earlier save that failed (nothing of this step is queued then).

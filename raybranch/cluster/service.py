@@ -153,7 +153,7 @@ class CheckpointService:
     def _id(self, step: int) -> str:
         return f"{self.config['run']}/{self.config['branch']}/{int(step)}"
 
-    def save(self, step: int, buf: np.ndarray, meta_json: str, slices=None, tags=None, snapshot: bool = False) -> dict:
+    def save(self, step: int, buf: np.ndarray, meta_json: str, slices=None, tags=None, snapshot: bool | None = None) -> dict:
         """Commit one checkpoint from a buffer made by :func:`~raybranch.cluster.handoff.pack_state`;
         returns its record {id, step, start, end} (monotonic clock of the actor's node)."""
         t0 = time.monotonic()

@@ -57,8 +57,6 @@ def test_tiny_sweep_writes_one_row_per_trial(tmp_path, capsys):
         assert 0 < float(r["acc_restored"]) <= 1 and 0 < float(r["acc_full"]) <= 1
         rep = verify_store(store, r["run"])  # each trial is a run of its own
         assert rep.problems == [] and rep.counts["steps"] == int(r["checkpoints"])
-    # Delta-LoRA stores fewer bytes per checkpoint than LC on the same schedule
-    assert float(rows[1]["compression_ratio"]) > float(rows[0]["compression_ratio"])
     md = (out / "results.md").read_text()
     assert "| split | rank | bits | snapshot | mechanism | compression ratio | space savings | final accuracy (restored / full) |" in md
     assert md.count("| 4x25 |") == 3
