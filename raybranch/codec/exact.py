@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .streams import FAST_LEVEL, zstd_compress, zstd_decompress
+from .streams import FAST_LEVEL, decode_grouped, encode_grouped
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {2: np.int16, 4: np.int32, 8: np.int64}
@@ -29,16 +29,12 @@ def encode_against(a: np.ndarray, ref: np.ndarray, level: int = FAST_LEVEL) -> b
     w = a.dtype.itemsize
     d = (a.reshape(-1).view(_UINT[w]) - ref.reshape(-1).view(_UINT[w])).view(_INT[w])
     z = (d << 1) ^ (d >> (8 * w - 1))
-    grouped = np.ascontiguousarray(z.view(np.uint8).reshape(-1, w).T)
-    return zstd_compress(grouped.tobytes(), level)
+    return encode_grouped(z.view(np.uint8).reshape(-1, w), level)
 
 
 def decode_against(payload: bytes, ref: np.ndarray) -> np.ndarray:
     """Inverse of :func:`encode_against`: a new array equal to the coded one bit for bit."""
     w = ref.dtype.itemsize
-    raw = np.frombuffer(zstd_decompress(payload, ref.size * w), np.uint8)
-    if raw.size != ref.size * w:
-        raise ValueError(f"exact stream holds {raw.size} bytes, expected {ref.size * w}")
-    z = np.ascontiguousarray(raw.reshape(w, -1).T).view(_UINT[w]).reshape(-1)
+    z = decode_grouped(payload, ref.size, w).view(_UINT[w]).reshape(-1)
     d = (z >> 1) ^ (0 - (z & 1))  # unsigned arithmetic: −(z & 1) wraps to all ones
     return (ref.reshape(-1).view(_UINT[w]) + d).view(ref.dtype).reshape(ref.shape)

@@ -35,16 +35,17 @@ def escape_encode(v: np.ndarray) -> np.ndarray:
 
 
 def escape_decode(b: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`escape_encode`."""
-    if not (b == 255).any():
-        return b.astype(np.int32)
-    ends = np.flatnonzero(b != 255)
-    if b.size and b[-1] == 255:
+    """Inverse of :func:`escape_encode`. Escapes are rare (runs of ≥ 255 zeros, magnitudes
+    ≥ 256): drop the 255 bytes and add 255 to the value each one precedes."""
+    esc = np.flatnonzero(b == 255)
+    out = b.astype(np.int32)
+    if not esc.size:
+        return out
+    if esc[-1] == b.size - 1:
         raise ValueError("escape-coded stream ends inside a value")
-    starts = np.empty_like(ends)
-    starts[0:1] = 0
-    starts[1:] = ends[:-1] + 1
-    return 255 * (ends - starts) + b[ends]
+    out = np.delete(out, esc)
+    np.add.at(out, esc - np.arange(esc.size), 255)  # the value after escape j sits at esc[j] − j once they are gone
+    return out
 
 
 def encode_sparse(q: np.ndarray, level: int = FAST_LEVEL) -> bytes:

@@ -17,6 +17,8 @@ side by side (≈8 % smaller than plain zstd for fp32 weights).
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,20 +29,25 @@ COMPACT_LEVEL = 15  # compaction into segments: ~10 % smaller than level 3; 17-1
 
 MT_THRESHOLD = 4 << 20  # larger inputs are compressed by several threads
 _THREADS = min(8, os.cpu_count() or 1)
-_compressors: dict[tuple[int, int], zstandard.ZstdCompressor] = {}
-_decompressor = zstandard.ZstdDecompressor()
+_local = threading.local()  # zstandard's (de)compressor objects must not be shared between threads
 
 
-def zstd_compress(data: bytes | memoryview, level: int = FAST_LEVEL) -> bytes:
-    threads = _THREADS if len(data) >= MT_THRESHOLD and _THREADS > 1 else 0
-    c = _compressors.get((level, threads))
+def zstd_compress(data: bytes | memoryview, level: int = FAST_LEVEL, threads: int | None = None) -> bytes:
+    """``threads`` None: several for inputs of :data:`MT_THRESHOLD` bytes and more."""
+    if threads is None:
+        threads = _THREADS if len(data) >= MT_THRESHOLD and _THREADS > 1 else 0
+    cache = _local.__dict__.setdefault("compressors", {})
+    c = cache.get((level, threads))
     if c is None:
-        c = _compressors[(level, threads)] = zstandard.ZstdCompressor(level=level, threads=threads)
+        c = cache[(level, threads)] = zstandard.ZstdCompressor(level=level, threads=threads)
     return c.compress(data)
 
 
-def zstd_decompress(data: bytes, size: int) -> bytes:
-    return _decompressor.decompress(data, max_output_size=size)
+def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
+    d = _local.__dict__.get("decompressor")
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d.decompress(data, max_output_size=size)
 
 
 def pack_symbols(symbols: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -89,20 +96,71 @@ def recompress(payload: bytes, bound: int, level: int) -> bytes:
     return zstd_compress(zstd_decompress(payload, bound), level)
 
 
+CHUNK_ELEMENTS = 1 << 21  # large arrays are byte-grouped and compressed in chunks of this many elements
+_CHUNKED = b"RBXC"  # container of chunk frames (a zstd frame starts with 28 B5 2F FD: no clash)
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="raybranch-zstd")
+    return _pool
+
+
+def encode_grouped(u8: np.ndarray, level: int = FAST_LEVEL) -> bytes:
+    """Rows of ``u8`` [count, w] (the bytes of count w-byte elements), byte-grouped, zstd.
+
+    Up to :data:`CHUNK_ELEMENTS` rows: one frame of the grouped bytes (all first bytes, then all
+    second bytes, …). Larger: ``"RBXC" ‖ uint32 k ‖ k × uint64 frame sizes ‖ k frames``, frame j
+    holding rows [j·C, (j+1)·C) grouped the same way, so chunks compress and decompress on
+    several threads and each un-grouping copy stays in cache.
+    """
+    count = u8.shape[0]
+    if count <= CHUNK_ELEMENTS:
+        return zstd_compress(np.ascontiguousarray(u8.T).tobytes(), level)
+    starts = range(0, count, CHUNK_ELEMENTS)
+    frames = list(_threads().map(lambda a: zstd_compress(np.ascontiguousarray(u8[a : a + CHUNK_ELEMENTS].T).tobytes(), level, 0), starts))
+    head = _CHUNKED + np.array([len(frames)], "<u4").tobytes() + np.array([len(f) for f in frames], "<u8").tobytes()
+    return head + b"".join(frames)
+
+
+def decode_grouped(payload: bytes, count: int, w: int) -> np.ndarray:
+    """Inverse of :func:`encode_grouped`: a new writable uint8 array [count, w]."""
+    out = np.empty((count, w), np.uint8)
+    if bytes(payload[:4]) != _CHUNKED:
+        raw = np.frombuffer(zstd_decompress(payload, count * w), np.uint8)
+        if raw.size != count * w:
+            raise ValueError(f"exact stream holds {raw.size} bytes, expected {count * w}")
+        out[:] = raw.reshape(w, count).T
+        return out
+    k = int(np.frombuffer(payload, "<u4", 1, 4)[0])
+    if k != -(-count // CHUNK_ELEMENTS):
+        raise ValueError(f"exact stream of {count} elements holds {k} chunks")
+    sizes = np.frombuffer(payload, "<u8", k, 8).astype(np.int64)
+    ends = 8 + 8 * k + np.cumsum(sizes)
+    if ends[-1] != len(payload):
+        raise ValueError(f"exact stream is {len(payload)} bytes, its chunk table says {int(ends[-1])}")
+    view = memoryview(payload)
+
+    def one(j: int) -> None:
+        a, b = j * CHUNK_ELEMENTS, min(count, (j + 1) * CHUNK_ELEMENTS)
+        raw = np.frombuffer(zstd_decompress(view[ends[j] - sizes[j] : ends[j]], (b - a) * w), np.uint8)
+        if raw.size != (b - a) * w:
+            raise ValueError(f"chunk {j} of an exact stream holds {raw.size} bytes, expected {(b - a) * w}")
+        out[a:b] = raw.reshape(w, b - a).T
+
+    list(_threads().map(one, range(k)))
+    return out
+
+
 def encode_exact(array: np.ndarray, level: int = FAST_LEVEL) -> bytes:
-    """Lossless: byte-grouped, then zstd."""
-    a = np.ascontiguousarray(array)
-    if a.dtype.itemsize > 1:
-        a = a.view(np.uint8).reshape(-1, array.dtype.itemsize).T
-    return zstd_compress(np.ascontiguousarray(a).tobytes(), level)
+    """Lossless: byte-grouped, then zstd (:func:`encode_grouped`)."""
+    a = np.ascontiguousarray(array).reshape(-1)
+    return encode_grouped(a.view(np.uint8).reshape(a.size, a.dtype.itemsize), level)
 
 
 def decode_exact(payload: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
-    raw = np.frombuffer(zstd_decompress(payload, count * dtype.itemsize), dtype=np.uint8)
-    if raw.size != count * dtype.itemsize:
-        raise ValueError(f"exact tensor holds {raw.size} bytes, expected {count * dtype.itemsize}")
-    if dtype.itemsize > 1:
-        raw = np.ascontiguousarray(raw.reshape(dtype.itemsize, count).T)
-    return raw.view(dtype).reshape(shape)
+    return decode_grouped(payload, count, dtype.itemsize).view(dtype).reshape(shape)
