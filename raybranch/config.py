@@ -79,7 +79,7 @@ class SweepConfig:
     splits: tuple[str, ...] = ("4x25", "20x5", "80x1.25", "70/10/10/10")
     ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
     bits: tuple[int, ...] = (3,)
-    snapshot_every: tuple[int | None, ...] = (None,)  # snapshot policy: exact snapshot every N checkpoints (None: first only)
+    snapshot_every: tuple[int | None, ...] = (None,)  # exact key frame every N checkpoints (None: the Checkpointer default)
     mechanisms: tuple[str, ...] = ("lc", "lc+dlora")
     dedupe_lc: bool = True
     scheduler: str = "none"              # none | asha (stops trials whose accuracy lags, by share of data trained)

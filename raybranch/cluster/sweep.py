@@ -38,7 +38,7 @@ import ray
 
 from ..branches.experiment import Experiment, ExperimentConfig, attribute_bytes, prepare_data, torch_save_bytes
 from ..branches.slices import BRANCH_POINT_TAG
-from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.checkpointer import DEFAULT_KEY_EVERY, Checkpointer
 from ..config import SweepConfig
 from ..errors import RaybranchError
 from ..store.store import open_store
@@ -239,13 +239,13 @@ def markdown(rows: list[dict], sweep: SweepConfig) -> str:
         "final accuracy = test accuracy of main's head restored from the store / the same schedule trained without "
         "raybranch (plain model).",
         "",
-        "| split | rank | bits | snapshot | mechanism | compression ratio | space savings | final accuracy (restored / full) | status |",
+        "| split | rank | bits | key frames | mechanism | compression ratio | space savings | final accuracy (restored / full) | status |",
         "| --- | ---: | ---: | --- | --- | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         acc = "–" if r["acc_restored"] is None else (
             f"{_fmt(r['acc_restored'], 'pct')} / {_fmt(r['acc_full'], 'pct')} ({r['acc_diff_pp']:+.2f} pp)")
-        snap = "first only" if r["snapshot_every"] is None else f"every {r['snapshot_every']}"
+        snap = f"every {r['snapshot_every'] or DEFAULT_KEY_EVERY}"
         lines.append(f"| {r['split']} | {_fmt(r['rank'], '')} | {r['bits']} | {snap} | {r['mechanism']} | "
                      f"{_fmt(r['compression_ratio'], 'ratio')} | {_fmt(r['space_savings'], 'pct')} | {acc} | {r['status']} |")
     lines += ["", "Plot: [ratio_vs_accuracy.png](ratio_vs_accuracy.png)", ""]

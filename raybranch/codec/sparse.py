@@ -74,8 +74,25 @@ def decode_sparse(payload: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_sparse_many(payloads: list[bytes], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Many streams of n-entry vectors at once: (indices, values, nonzeros per stream), the
-    streams' entries concatenated in order. One decompression per stream; everything else is a
-    handful of vectorised passes over all of them together."""
+    streams' entries concatenated in order."""
+    p = decode_parts(payloads, n)
+    return p.idx, np.where(p.neg, -1 - p.mag, p.mag + 1), p.counts
+
+
+class SparseParts:
+    """Decoded streams: ``idx`` (entry of each nonzero), ``mag`` (|q| − 1, int32), ``neg``
+    (q < 0), ``counts`` (nonzeros per stream), ``key`` (idx + the stream's offset ``base``:
+    ascending over all streams together, so one search finds any stream's index ranges)."""
+
+    __slots__ = ("idx", "mag", "neg", "counts", "key", "base")
+
+    def __init__(self, idx, mag, neg, counts, key, base):
+        self.idx, self.mag, self.neg, self.counts, self.key, self.base = idx, mag, neg, counts, key, base
+
+
+def decode_parts(payloads: list[bytes], n: int) -> SparseParts:
+    """One decompression per stream; everything else is a handful of vectorised passes over all
+    of the streams together."""
     gaps, mags, signs, counts = [], [], [], []
     for payload in payloads:
         raw = np.frombuffer(zstd_decompress(payload, sparse_bound(n)), np.uint8)
@@ -96,13 +113,13 @@ def decode_sparse_many(payloads: list[bytes], n: int) -> tuple[np.ndarray, np.nd
     mag = escape_decode(np.concatenate(mags)) if mags else np.zeros(0, np.int32)
     if gap.size != counts.sum() or mag.size != counts.sum():
         raise ValueError(f"sparse streams hold {gap.size} gaps and {mag.size} magnitudes for {counts.sum()} nonzeros")
-    pos = np.cumsum(gap + 1, dtype=np.int64)
+    key = np.cumsum(gap + 1, dtype=np.int64)
+    key -= 1
     starts = np.cumsum(counts) - counts
-    before = np.where(starts > 0, pos[np.maximum(starts - 1, 0)], 0) if pos.size else np.zeros(counts.size, np.int64)
-    idx = pos - np.repeat(before, counts) - 1
+    base = np.where(starts > 0, key[np.maximum(starts - 1, 0)] + 1, 0) if key.size else np.zeros(counts.size, np.int64)
+    idx = key - np.repeat(base, counts)
     ends = starts + counts - 1
     if idx.size and int(idx[ends[counts > 0]].max(initial=-1)) >= n:
         raise ValueError(f"sparse stream addresses an entry beyond {n}")
     neg = np.concatenate(signs).view(bool) if signs else np.zeros(0, bool)
-    vals = np.where(neg, -1 - mag, mag + 1)
-    return idx, vals, counts
+    return SparseParts(idx, mag, neg, counts, key, base)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import NonFiniteError, RaybranchError
-from .sparse import MAX_MAGNITUDE, decode_sparse_many, encode_sparse
+from .sparse import MAX_MAGNITUDE, decode_parts, encode_sparse
 from .streams import FAST_LEVEL
 
 _KAPPA_TOL = 1.05  # κ is found to within this factor
@@ -79,6 +79,7 @@ class UniformEncoder:
         self._sizes_t = torch.tensor(self.sizes, device=self.device)
         self.recon: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # u_{t−1}
+        self._captured: torch.Tensor | None = None  # u_t of the last encode, until advance()
         self.last_residual: float | None = None  # ‖e_t‖ / ‖u_t − u_{t−1}‖ of the last encode
 
     @property
@@ -103,12 +104,13 @@ class UniformEncoder:
         step_update = u - self.prev
         scale = self._scales(step_update, delta)
         q, steps, qv = self._rate_control(u, delta, scale, float(step_update.norm()))
-        self.prev = u.clone()
+        self._captured = u.clone()
         return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
 
     def advance(self, qv: torch.Tensor) -> None:
-        """ũ_t = ũ_{t−1} + q ⊙ Δ."""
+        """ũ_t = ũ_{t−1} + q ⊙ Δ, and u_t becomes the next step's u_{t−1}."""
         self.recon += qv
+        self.prev = self._captured
 
     # -- internals ----------------------------------------------------------------------------
     def _per_tensor_rms(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,16 +175,18 @@ def apply_uniform(acc: np.ndarray, payloads: list[bytes], steps: list[np.ndarray
     order, so one pass serves every delta of a chain."""
     if not payloads:
         return
-    idx, vals, counts = decode_sparse_many(payloads, acc.size)
-    S = 1 if seg_offsets is None else seg_offsets.size
+    p = decode_parts(payloads, acc.size)
+    offs = np.zeros(1, np.int64) if seg_offsets is None else seg_offsets
     table = np.stack([np.asarray(t, np.float32).reshape(-1) for t in steps])
-    if table.shape[1] != S:
-        raise ValueError(f"{table.shape[1]} steps for {S} segments")
-    if seg_offsets is None:
-        which = np.repeat(np.arange(len(payloads)), counts)
-    else:  # each stream's indices ascend: its segment boundaries are S searches, not one per entry
-        ends = np.cumsum(counts)
-        cuts = [np.searchsorted(idx[e - k : e], seg_offsets[1:]) for e, k in zip(ends, counts)]
-        which = np.concatenate([np.repeat(np.arange(S) + d * S, np.diff(np.concatenate([[0], c, [k]])))
-                                for d, (c, k) in enumerate(zip(cuts, counts))])
-    np.add.at(acc, idx, vals.astype(np.float32) * table.reshape(-1)[which])
+    if table.shape[1] != offs.size:
+        raise ValueError(f"{table.shape[1]} steps for {offs.size} segments")
+    # where each (delta, tensor) run of entries begins: one search over the ascending keys,
+    # clipped to the delta's own entries (a later delta's keys start right after its last one)
+    end = np.cumsum(p.counts)[:, None]
+    begin = np.minimum(np.searchsorted(p.key, p.base[:, None] + offs[None, :]), end)
+    runs = (np.concatenate([begin[:, 1:], end], axis=1) - begin).reshape(-1)
+    vals = p.mag.astype(np.float32)
+    vals += np.float32(1.0)  # |q| (< 2^24: exact)
+    vals *= np.repeat(table.reshape(-1), runs)
+    np.negative(vals, out=vals, where=p.neg)
+    np.add.at(acc, p.idx, vals)

@@ -58,7 +58,7 @@ def test_tiny_sweep_writes_one_row_per_trial(tmp_path, capsys):
         rep = verify_store(store, r["run"])  # each trial is a run of its own
         assert rep.problems == [] and rep.counts["steps"] == int(r["checkpoints"])
     md = (out / "results.md").read_text()
-    assert "| split | rank | bits | snapshot | mechanism | compression ratio | space savings | final accuracy (restored / full) |" in md
+    assert "| split | rank | bits | key frames | mechanism | compression ratio | space savings | final accuracy (restored / full) |" in md
     assert md.count("| 4x25 |") == 3
     png = (out / "ratio_vs_accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

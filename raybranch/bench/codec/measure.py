@@ -21,6 +21,7 @@ import torch
 
 from ...checkpoint.checkpointer import Checkpointer
 from ...checkpoint.restore import Reader
+from ...store.blob import read_blob
 from ...store.store import open_store
 from .trajectory import Trajectory, accuracy
 
@@ -75,6 +76,7 @@ def run_setting(traj: Trajectory, root: str, sample: list[int], load_s: dict[int
         flat = torch.cat([out["model"][n].reshape(-1).float() for n in ck._enc.encoders["model"].names])
         exact_ok &= bool(torch.equal(flat.view(torch.int32), recon_at[s].view(torch.int32)))
         gaps.append(abs(accuracy(traj, out["model"]) - true_acc[s]) * 100)
+    exact_sizes = _exact_sizes(store)
     pt = np.array(per_tensor)
     worst = np.nanmedian(pt, axis=0) if len(pt) else np.zeros(1)
     n = len(traj.states)
@@ -92,7 +94,23 @@ def run_setting(traj: Trajectory, root: str, sample: list[int], load_s: dict[int
         "restore_vs_torch_load_max": max(ratios),
         "restore_bit_exact": exact_ok,
         "save_ms_per_step": save_s / n * 1e3,
+        **exact_sizes,
     }
+
+
+def _exact_sizes(store) -> dict:
+    """Mean bytes of a key frame's rows and of a standalone snapshot's rows (payload and tables)."""
+    by_step: dict[tuple[str, int], int] = {}
+    for info in store.list("bench/blobs"):
+        for r in read_blob(store.read_bytes(info.rel))[0]:
+            if r.kind in ("key", "recon"):
+                by_step[(r.kind, r.step)] = by_step.get((r.kind, r.step), 0) + len(r.payload)
+    out = {}
+    for kind, label in (("key", "key_frame_bytes"), ("recon", "snapshot_bytes")):
+        sizes = [v for (k, _), v in by_step.items() if k == kind]
+        out[label] = statistics.mean(sizes) if sizes else None
+        out[label.replace("bytes", "count")] = len(sizes)
+    return out
 
 
 def _all_param_step(traj: Trajectory, t: int) -> torch.Tensor:

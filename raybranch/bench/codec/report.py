@@ -72,6 +72,11 @@ def render(res: dict) -> str:
         for label, row in m["rows"].items():
             lines.append(f"  {label:<18}" + "".join(f"{f.format(row[k]):>9}" for k, _, f in COLS)
                          + f"  {'yes' if row['restore_bit_exact'] else 'NO':>5}  {row['worst_tensor']}")
+        d = m["rows"]["default"]
+        if d["key_frame_bytes"]:
+            lines.append(f"  exact checkpoints (default): a key frame {d['key_frame_bytes'] / 1e3:.1f} kB vs a standalone snapshot "
+                         f"{d['snapshot_bytes'] / 1e3:.1f} kB ({d['snapshot_bytes'] / d['key_frame_bytes']:.2f}x smaller); "
+                         f"{d['key_frame_count']} key frames, {d['snapshot_count']} snapshot(s)")
         lines.append("")
     if "large" in res:
         g = res["large"]
