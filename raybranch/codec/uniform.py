@@ -14,16 +14,16 @@ rate allocation), so tensors with small updates get proportionally finer steps a
 starved: √σ sits between one global step (equal slope, best for the plain L2 residual) and
 steps ∝ σ (equal relative error per tensor); docs/DECISIONS.md has the measurements.
 
-**Rate control.** κ_t is the largest value (to 5 %) for which
+**Rate control.** κ_t is the largest value on the grid 2^(j/16) for which
 
     ‖u_t − ũ_t‖₂ ≤ ρ · ‖u_t − u_{t−1}‖₂          (ρ = ``residual``, default 0.95)
 
 checked exactly on the float32 reconstruction the decoder will hold, not estimated: every
-checkpoint is within ρ of one step's update of the trained state. The search starts from the
-data (κ₀ = RMS(δ) / mean √σ), brackets by factors of 2 and bisects geometrically (typically 5–8
-quantizer passes), so the code is a function of (u_t, u_{t−1}, ũ_{t−1}) alone. A step that
-changes nothing (u_t = u_{t−1}) codes nothing. |q_i| is clipped at 2^16; the clip only binds at
-steps far below the entries.
+checkpoint is within ρ of one step's update of the trained state. The search starts at the last
+save's j (the first from the data: κ₀ = RMS(δ) / mean √σ), gallops up or down to the first grid
+point on the other side of the target and bisects: 2–3 quantizer passes a save when the updates
+change slowly. A step that changes nothing (u_t = u_{t−1}) codes nothing. |q_i| is clipped at
+2^16; the clip only binds at steps far below the entries.
 
 The encoder needs u_{t−1}. A writer that continues a branch (a restarted job, a fork) takes it to
 be the head's reconstruction ũ: training that goes on from a restored state starts exactly
@@ -47,8 +47,11 @@ from ..errors import NonFiniteError, RaybranchError
 from .sparse import MAX_MAGNITUDE, decode_parts, encode_sparse
 from .streams import FAST_LEVEL
 
-_KAPPA_TOL = 1.05  # κ is found to within this factor
-_MAX_PASSES = 40
+_GRID = 2.0 ** (1 / 16)  # κ takes the values 2^(j/16): found to within 4.4 %
+
+
+def _grid_index(kappa: float) -> int:
+    return int(math.floor(math.log(kappa, _GRID))) if kappa > 0 else -(1 << 20)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class UniformEncoder:
         self.recon: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # u_{t−1}
         self._captured: torch.Tensor | None = None  # u_t of the last encode, until advance()
+        self._j: int | None = None  # the last κ's grid index: where the next search starts
         self.last_residual: float | None = None  # ‖e_t‖ / ‖u_t − u_{t−1}‖ of the last encode
 
     @property
@@ -138,29 +142,37 @@ class UniformEncoder:
             return torch.zeros_like(delta, dtype=torch.int32), torch.zeros_like(scale), torch.zeros_like(delta)
         amax = torch.stack([p.abs().max() if p.numel() else p.new_zeros(()) for p in torch.split(delta, self.sizes)])
         live = amax > 0
-        kappa_min = float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE  # below it every tensor's largest entry clips
-        kappa = dnorm / math.sqrt(delta.numel()) / float(scale.mean())
-        lo = hi = None
-        ok = closest = None  # (q, steps, qv, r, κ): the largest κ meeting the target; the smallest residual
-        for _ in range(_MAX_PASSES):
-            steps = (kappa * scale).float()
-            q, qv = self._quantize(delta, steps)
-            r = float((u - (self.recon + qv)).norm())
-            if closest is None or r < closest[3]:
-                closest = (q, steps, qv, r, kappa)
-            if r <= target:
-                if ok is None or kappa > ok[4]:
-                    ok = (q, steps, qv, r, kappa)
-                lo = kappa
-                kappa = kappa * 2 if hi is None else math.sqrt(kappa * hi)
-            else:
-                hi = kappa
-                if kappa <= kappa_min:
-                    break
-                kappa = kappa / 2 if lo is None else math.sqrt(kappa * lo)
-            if lo is not None and hi is not None and hi / lo < _KAPPA_TOL:
-                break
-        q, steps, qv, r, _ = ok or closest
+        j_min = _grid_index(float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE)  # below it every tensor's largest entry clips
+        tried: dict[int, tuple] = {}
+
+        def trial(j: int) -> tuple:  # (q, steps, qv, r) at κ = 2^(j/16)
+            if j not in tried:
+                steps = (_GRID ** j * scale).float()
+                q, qv = self._quantize(delta, steps)
+                tried[j] = (q, steps, qv, float((u - (self.recon + qv)).norm()))
+            return tried[j]
+
+        def ok(j: int) -> bool:
+            return trial(j)[3] <= target
+
+        j = self._j if self._j is not None else _grid_index(dnorm / math.sqrt(delta.numel()) / float(scale.mean()))
+        if ok(j):  # gallop up to the first κ that misses, then bisect: the largest κ that meets the target
+            lo, step = j, 1
+            while ok(lo + step) and step < 1 << 12:
+                lo, step = lo + step, step * 2
+            hi = lo + step
+        else:
+            hi, step = j, 1
+            while hi - step > j_min and not ok(hi - step):
+                hi, step = hi - step, step * 2
+            lo = max(hi - step, j_min)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        if not ok(lo):  # the target is out of reach (a clip binds): the closest we got
+            lo = min(tried, key=lambda k: tried[k][3])
+        self._j = lo
+        q, steps, qv, r = trial(lo)
         self.last_residual = r / step_norm if step_norm > 0 else None
         return q, steps, qv
 

@@ -139,6 +139,23 @@ def test_key_frames(uri):
     assert [(r["step"], r["kind"]) for r in log if r["kind"] != "delta"] == [
         (0, "snapshot"), (5, "key"), (10, "key"), (15, "snapshot"), (20, "key"), (25, "key")]
     assert [r["depth"] for r in log] == [s % 5 for s in range(27)]
+    # an exact checkpoint restores the trained state itself, bit for bit
+    model, opt = make_model(3), None
+    exact_ck = rb.Checkpointer(store, run="exact", key_every=3, standalone_every=2)
+    gen = torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trained = {}
+    for step in range(10):
+        sgd_step(model, opt, gen)
+        exact_ck.save(step, model)
+        trained[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = {r["step"]: r["kind"] for r in exact_ck.log()}
+    fresh_exact = Reader(rb.open_store(uri), "exact")
+    for step in (0, 3, 6, 9):
+        assert kinds[step] in ("snapshot", "key")
+        got = fresh_exact.restore("main", step)["model"]
+        assert all(torch.equal(got[k].view(torch.uint8) if got[k].is_floating_point() else got[k],
+                               trained[step][k].view(torch.uint8) if got[k].is_floating_point() else trained[step][k]) for k in got)
     fresh = Reader(rb.open_store(uri), "exp1")
     for s in range(17):
         assert_matches_record(fresh.restore("main", s), rec, s)
@@ -443,6 +460,10 @@ def test_step_not_after_head(file_uri):
         (dict(run="x", bits=9), "9"),
         (dict(run="x", granularity="layer"), "'layer'"),
         (dict(run="x", snapshot_every=0), "0"),
+        (dict(run="x", key_every=0), "key_every"),
+        (dict(run="x", standalone_every=0), "standalone_every"),
+        (dict(run="x", codec="zip"), "'zip'"),
+        (dict(run="x", residual=0), "residual"),
         (dict(run="x", segment_size=-1), "-1"),
         (dict(run="x", optimizer_codec="zip"), "'zip'"),
         (dict(run="x", flush_every=0), "0"),
@@ -457,3 +478,27 @@ def test_bad_checkpointer_arguments(file_uri, kw, names):
 def test_bad_store_uri_in_checkpointer():
     with pytest.raises(rb.StoreError):
         rb.Checkpointer("ftp://host/x", run="exp1")
+
+
+def test_restore_reads_stay_within_the_key_frame_budget(file_uri):
+    """A restore decodes at most key_every − 1 deltas and standalone_every − 1 key frames, so its
+    reads do not grow with the branch's history."""
+    ckpt = rb.Checkpointer(file_uri, run="exp1", key_every=6, standalone_every=3, segment_size=4)
+    _, _, rec = train_and_save(ckpt, 120, extra=False)
+    ckpt.close()
+    lin = Lineage(rb.open_store(file_uri), "exp1", "main")
+    from raybranch.checkpoint.restore import chain_to, key_refs
+
+    for s in range(120):
+        chain = chain_to(lin, lin.entry(s))
+        assert len(chain) <= 6 and len(key_refs(lin, chain[0])) <= 2
+
+    def reads(step):
+        store = rb.open_store(file_uri)
+        out = Reader(store, "exp1").restore("main", step)
+        assert_matches_record(out, rec, step)
+        return store.stats.reads
+
+    early = max(reads(s) for s in range(24, 36))
+    late = max(reads(s) for s in range(108, 120))
+    assert late <= early + 1  # five times the history, the same reads (+1: one more page level at most)
