@@ -33,32 +33,58 @@ from ..store.store import Store, json_bytes
 from . import state as st
 
 
+DEFER_HASH_BYTES = 8 << 20  # blobs this large are decoded while their sha256 runs beside
+
+
 class BlobCache:
     """Parsed blobs by hash, rows grouped by step (a compacted segment is read and parsed once)."""
 
     def __init__(self, store: Store, run: str, capacity: int = 64):
         self.store, self.run, self.capacity = store, run, capacity
         self._rows: OrderedDict[str, dict[int, list[Row]]] = OrderedDict()
+        self._checks: dict[str, object] = {}  # blobs parsed while their sha256 still runs
 
-    def step_rows(self, entry: dict) -> list[Row]:
-        """Every row of ``entry``'s step, from all the parts of its commit."""
+    def step_rows(self, entry: dict, verified: bool = True) -> list[Row]:
+        """Every row of ``entry``'s step, from all the parts of its commit. ``verified=False``:
+        large blobs may still be hashing; call :meth:`verify` before anything decoded leaves."""
         out: list[Row] = []
         for p in entry["parts"]:
-            out += self.rows(p["blob"]).get(entry["step"], [])
+            out += self.rows(p["blob"], verified).get(entry["step"], [])
         return out
 
-    def rows(self, blob: list) -> dict[int, list[Row]]:
+    def rows(self, blob: list, verified: bool = True) -> dict[int, list[Row]]:
         h, size = blob
         if h not in self._rows:
-            rows, _ = read_blob(self.store.get_blob(self.run, h, size), f"blob {h}")
+            if size is not None and size >= DEFER_HASH_BYTES:
+                data, self._checks[h] = self.store.get_blob_deferred(self.run, h, size)
+            else:
+                data = self.store.get_blob(self.run, h, size)
+            try:
+                rows, _ = read_blob(data, f"blob {h}")
+            except CorruptBlobError:
+                self.verify([h])  # a damaged blob says so by its hash first
+                raise
             by_step: dict[int, list[Row]] = {}
             for r in rows:
                 by_step.setdefault(r.step, []).append(r)
             self._rows[h] = by_step
             while len(self._rows) > self.capacity:
-                self._rows.popitem(last=False)
+                self.verify([self._rows.popitem(last=False)[0]])
         self._rows.move_to_end(h)
+        if verified:
+            self.verify([h])
         return self._rows[h]
+
+    def verify(self, hashes) -> None:
+        """Wait for the hashes of these blobs; a mismatch drops the blob and raises CorruptBlobError."""
+        for h in hashes:
+            check = self._checks.pop(h, None)
+            if check is not None:
+                try:
+                    check()
+                except CorruptBlobError:
+                    self._rows.pop(h, None)
+                    raise
 
     def prefetch(self, blobs: list[list]) -> None:
         todo = list({b[0]: b for b in blobs if b[0] not in self._rows}.values())
@@ -129,6 +155,7 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts, refs: li
     missing = [n for n in layout["exact"] if n not in exact]
     if missing:
         raise CorruptBlobError(f"checkpoint {chain[-1]['branch_id']}/{chain[-1]['step']} lacks exact tensors {missing[:3]}")
+    blobs.verify(p["blob"][0] for e in exacts + full for p in e["parts"])
     return acc, exact, layout
 
 
@@ -147,12 +174,14 @@ def exact_state(exacts: list[dict], blobs: BlobCache) -> dict[str, np.ndarray]:
                         raise ValueError("its reference lacks the group")
                     acc[r.name] = decode_against(r.payload, acc[r.name])
             except ValueError as exc:
+                blobs.verify(p["blob"][0] for p in e["parts"])  # a damaged blob says so by its hash first
                 raise CorruptBlobError(f"exact state of {e['branch_id']}/{e['step']} group {r.name!r} cannot be decoded: {exc}") from None
+    blobs.verify(p["blob"][0] for e in exacts for p in e["parts"])
     return acc
 
 
 def _rows_of(blobs: BlobCache, entry: dict) -> list[Row]:
-    rows = blobs.step_rows(entry)
+    rows = blobs.step_rows(entry, verified=False)  # decode_chain verifies before it returns
     if not rows:
         raise CorruptBlobError(f"the blobs of step {entry['step']} (commit {entry['seq']} of {entry['branch_id']}) hold no rows for it")
     return rows

@@ -28,6 +28,7 @@ import pyarrow as pa
 from ..errors import CorruptBlobError
 
 FORMAT = "raybranch.blob/1"
+ZERO_COPY_BYTES = 1 << 20  # payloads this large are read as views into the blob, not copied
 
 SCHEMA = pa.schema(
     [
@@ -49,7 +50,7 @@ class Row:
     kind: str
     dtype: str
     shape: tuple[int, ...]
-    payload: bytes
+    payload: bytes | pa.Buffer  # a read-only view into the blob for large payloads
     table: np.ndarray | None = None
 
 
@@ -61,7 +62,7 @@ def write_blob(rows: list[Row], header: dict) -> bytes:
         "dtype": [r.dtype for r in rows],
         "shape": [list(r.shape) for r in rows],
         "table": [None if r.table is None else np.asarray(r.table, np.float32).ravel() for r in rows],
-        "payload": [r.payload for r in rows],
+        "payload": [r.payload if isinstance(r.payload, bytes) else memoryview(r.payload).tobytes() for r in rows],
     }
     meta = {"raybranch": json.dumps({"format": FORMAT, **header}, separators=(",", ":"), sort_keys=True)}
     table = pa.table(cols, schema=SCHEMA.with_metadata(meta))
@@ -71,13 +72,28 @@ def write_blob(rows: list[Row], header: dict) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _binary_views(col: pa.ChunkedArray) -> list[pa.Buffer]:
+    """The values of a large_binary column as slices of its data buffers (no copy; a scalar per
+    value would copy it)."""
+    out = []
+    for arr in col.chunks:
+        if arr.null_count:
+            raise ValueError("a payload is null")
+        offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
+        data = arr.buffers()[2]
+        out += [data.slice(int(a), int(b - a)) for a, b in zip(offsets[:-1], offsets[1:])]
+    return out
+
+
 def read_blob(data: bytes, name: str = "blob") -> tuple[list[Row], dict]:
     try:
         table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
         header = json.loads(table.schema.metadata[b"raybranch"])
         if header.get("format") != FORMAT:
             raise ValueError(f"unknown format {header.get('format')!r}")
-        cols = table.to_pydict()
+        cols = table.drop_columns(["payload"]).to_pydict()
+        # zero-copy views of large payloads (a snapshot of a big model need not be copied once more)
+        cols["payload"] = [b if b.size >= ZERO_COPY_BYTES else b.to_pybytes() for b in _binary_views(table.column("payload"))]
     except (pa.ArrowException, KeyError, ValueError, TypeError) as exc:
         raise CorruptBlobError(f"{name} is not a readable raybranch blob: {exc}") from None
     rows = [

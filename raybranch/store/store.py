@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
@@ -23,6 +25,16 @@ from .local import LocalBackend
 from .objects import TMP_MARK, ObjInfo, RequestStats
 from .s3 import S3Backend
 from .uri import Location, parse_uri
+
+
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raybranch-sha256")
+    return _hash_pool
 
 
 def blob_hash(data: bytes) -> str:
@@ -130,14 +142,33 @@ class Store:
         return h, len(data)
 
     def get_blob(self, run: str, h: str, size: int | None = None) -> bytes:
+        data, check = self.get_blob_deferred(run, h, size, background=False)
+        check()
+        return data
+
+    def get_blob_deferred(self, run: str, h: str, size: int | None = None, background: bool = True) -> tuple[bytes, Callable[[], None]]:
+        """(the blob's bytes, ``check``): ``check()`` raises CorruptBlobError unless their sha256
+        is the blob's name. With ``background`` the hash runs on another thread meanwhile, so a
+        reader can decode while it runs; nothing decoded may be handed out before ``check()``."""
         rel = f"{run}/blobs/{h}.arrow"
         try:
             data = self.read_bytes(rel)
         except NotFoundError:
             raise NotFoundError(f"blob {h[:16]}… of run {run!r} is missing from {self.uri}") from None
-        if (size is not None and len(data) != size) or blob_hash(data) != h:
-            raise CorruptBlobError(f"blob {rel} is corrupt: its sha256 does not match its name")
-        return data
+        if size is not None and len(data) != size:
+            raise CorruptBlobError(f"blob {rel} is corrupt: it holds {len(data)} bytes, its commit says {size}")
+        if background:
+            future = _hasher().submit(blob_hash, data)
+            digest = future.result
+        else:
+            value = blob_hash(data)
+            digest = lambda: value  # noqa: E731
+
+        def check() -> None:
+            if digest() != h:
+                raise CorruptBlobError(f"blob {rel} is corrupt: its sha256 does not match its name")
+
+        return data, check
 
     # -- JSON documents ----------------------------------------------------------------------
     def write_json(self, rel: str, doc: dict) -> None:
