@@ -2,7 +2,7 @@
 
     import raybranch as rb
     store = rb.open_store("file:///tmp/ckpts")
-    ckpt = rb.Checkpointer(store, run="exp1", branch="main", bits=3)
+    ckpt = rb.Checkpointer(store, run="exp1", branch="main")
     ckpt.save(step, model, optimizer)
     state = ckpt.restore(step)
 """

@@ -1,6 +1,6 @@
 """The checkpoint actor's client: Checkpointer.save off the training critical path.
 
-    ckpt = AsyncCheckpointer("s3://bucket/ckpts", run="exp1", branch="main", bits=3)
+    ckpt = AsyncCheckpointer("s3://bucket/ckpts", run="exp1", branch="main")
     for step in ...:
         ...  # optimizer.step()
         ckpt.save(step, model, optimizer)        # returns after copying the state to a CPU buffer
@@ -100,7 +100,7 @@ class AsyncCheckpointer:
     later); saves that queue up while the sender is busy are merged into one call anyway.
 
     ``store`` is a URI (the actor opens it; nothing holding credentials is sent). Keyword
-    arguments not named below go to :class:`~raybranch.Checkpointer` (bits, granularity,
+    arguments not named below go to :class:`~raybranch.Checkpointer` (codec, residual, bits, granularity,
     snapshot_every, segment_size, exact, min_lossy_numel, optimizer_codec, save_rng).
     ``actor_options`` are passed to ``CheckpointActor.options`` (default: 0 CPUs reserved, on
     this node when possible, so the object-store hand-over stays zero-copy). ``records`` keeps
