@@ -11,9 +11,10 @@ reconstruction: by default with the uniform codec, which keeps every restored st
 ``codec="lc"`` is LC-checkpoint, the baseline. Integer buffers, tensors under
 ``min_lossy_numel`` entries, names matching ``exact`` and (by default) optimizer state are stored
 losslessly, and only when they changed. Exact checkpoints (the first, tagged ones,
-``snapshot=True``, and a key frame every ``key_every`` deltas) are coded against the previous
-exact state (:mod:`raybranch.checkpoint.encode`), so a restore applies at most ``key_every``
-deltas; see docs/DECISIONS.md for the measured trade-off.
+``snapshot=True``, and a key frame every ``key_every`` deltas, or as often as ``restore_budget_s``
+seconds of delta decoding allow) are coded against the previous exact state
+(:mod:`raybranch.checkpoint.encode`), so a restore applies at most ``key_every`` deltas; see
+docs/BENCHMARKS.md for the measured trade-off.
 
 Each save is one commit of the branch's log (:mod:`raybranch.ledger`): the blob, then the commit
 record, created only if absent. The first save registers the Checkpointer as the branch's writer
@@ -63,6 +64,7 @@ class Checkpointer:
         granularity: str = "tensor",
         value: str = "mean",
         key_every: int | None = None,
+        restore_budget_s: float | None = None,
         standalone_every: int = 8,
         snapshot_every: int | None = None,
         segment_size: int = 64,
@@ -77,6 +79,11 @@ class Checkpointer:
         self.run = check_name("run", run)
         self.branch = check_name("branch", branch)
         self.params = make_params(codec, residual=residual, bits=bits, granularity=granularity, value=value)
+        if restore_budget_s is not None:
+            if key_every is not None or snapshot_every is not None:
+                raise RaybranchError("give key_every (deltas) or restore_budget_s (seconds), not both")
+            if not isinstance(restore_budget_s, (int, float)) or not restore_budget_s > 0:
+                raise RaybranchError(f"restore_budget_s must be a positive number of seconds, got {restore_budget_s!r}")
         if key_every is None:
             key_every = snapshot_every if snapshot_every is not None else DEFAULT_KEY_EVERY
         if not isinstance(key_every, int) or key_every < 1:
@@ -89,19 +96,20 @@ class Checkpointer:
             raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise RaybranchError(f"flush_every must be a positive number of saves per commit, got {flush_every!r}")
-        self.key_every, self.standalone_every = key_every, standalone_every
+        self.key_every, self.standalone_every, self.restore_budget_s = key_every, standalone_every, restore_budget_s
         self.segment_size = segment_size
         self.flush_every = flush_every
         self.rules = LayoutRules(tuple(re.compile(p) for p in exact), min_lossy_numel, optimizer_codec, save_rng)
         self.device = torch.device(device) if device is not None else None
         self._settings = dict(codec=codec, residual=residual, bits=bits, granularity=granularity, value=value,
-                              key_every=key_every, standalone_every=standalone_every, segment_size=segment_size,
+                              key_every=None if restore_budget_s is not None else key_every,
+                              restore_budget_s=restore_budget_s, standalone_every=standalone_every, segment_size=segment_size,
                               exact=list(exact), min_lossy_numel=min_lossy_numel, optimizer_codec=optimizer_codec,
                               save_rng=save_rng, device=device, flush_every=flush_every)
         self.reader = Reader(self.store, self.run)
         self.sealer = Sealer(compact_rows if segment_size else None)
         self._writer: BranchWriter | None = None
-        self._enc = StateEncoder(self.params, key_every, standalone_every, self.device)
+        self._enc = StateEncoder(self.params, key_every, standalone_every, self.device, restore_budget_s)
         self._head: dict | None = None  # the head step's entry
         self._loaded = False
         self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
@@ -270,7 +278,7 @@ class Checkpointer:
         if self._writer is None:
             self._writer = BranchWriter.register(BranchLog(self.store, self.run, ref.doc["branch_id"], self.branch))
         self._lapsed = None
-        self._enc = StateEncoder(self.params, self.key_every, self.standalone_every, self.device)
+        self._enc = StateEncoder(self.params, self.key_every, self.standalone_every, self.device, self.restore_budget_s)
         lin = Lineage(self.store, self.run, log=self._writer.log)
         if lin.head_step is not None:
             for attempt in range(8):  # the writer we fenced may still be sealing a page: read again

@@ -16,20 +16,35 @@ every exact checkpoint.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from ..codec.exact import encode_against
-from ..codec.modes import ROW_KIND, Params, new_encoder, params_to_json
+from ..codec.modes import ROW_KIND, Params, apply_rows, new_encoder, params_to_json
 from ..codec.streams import encode_exact
 from ..errors import NonFiniteError
 from ..store.blob import Row
 from . import state as st
 
 
+MAX_KEY_EVERY = 4096
+CALIBRATION_DELTAS = 5
+
+
 class StateEncoder:
-    def __init__(self, params: Params, key_every: int, standalone_every: int, device: torch.device | None):
-        self.params, self.key_every, self.standalone_every, self.device = params, key_every, standalone_every, device
+    """``restore_budget_s``: instead of a fixed ``key_every``, key frames as often as it takes for
+    the deltas a restore applies to fit that many seconds: the writer times the decoding of its
+    first :data:`CALIBRATION_DELTAS` deltas (a sparse add each, off the store) and sets
+    key_every = ⌊budget / median decode time⌋, within 1..MAX_KEY_EVERY."""
+
+    def __init__(self, params: Params, key_every: int, standalone_every: int, device: torch.device | None,
+                 restore_budget_s: float | None = None):
+        self.params, self.standalone_every, self.device = params, standalone_every, device
+        self.restore_budget_s = restore_budget_s
+        self.key_every = MAX_KEY_EVERY if restore_budget_s is not None else key_every
+        self._decode_s: list[float] = []
         self.mode = params_to_json(params)["mode"]
         self.encoders: dict = {}
         self.layout_hash: str | None = None
@@ -59,6 +74,8 @@ class StateEncoder:
                 pending["q"][g] = q
                 rows.append(Row(step, g, ROW_KIND[self.mode], "float32", (flat.numel(),), payload, table))
                 self.lossy_bytes += flat.numel() * 4
+            if self.restore_budget_s is not None and len(self._decode_s) < CALIBRATION_DELTAS:
+                self._calibrate(rows)
         else:
             arrays = {}
             for g, flat in flats.items():
@@ -79,6 +96,15 @@ class StateEncoder:
                 pending["changed"][n] = t
                 rows.append(Row(step, n, "exact", st.dtype_name(t.dtype), tuple(t.shape), encode_exact(st.to_numpy(t))))
         return rows, pending
+
+    def _calibrate(self, rows: list[Row]) -> None:
+        t0 = time.perf_counter()
+        for r in rows:
+            apply_rows(np.zeros(int(np.prod(r.shape)), np.float32), [(r.kind, r.payload, r.table, self.params)],
+                       self.encoders[r.name].sizes)
+        self._decode_s.append(time.perf_counter() - t0)
+        per_delta = float(np.median(self._decode_s))
+        self.key_every = int(min(MAX_KEY_EVERY, max(1, self.restore_budget_s // max(per_delta, 1e-9))))
 
     def entry_fields(self, kind: str, bid: str, step: int, head: dict | None) -> dict:
         fields = {

@@ -502,3 +502,21 @@ def test_restore_reads_stay_within_the_key_frame_budget(file_uri):
     early = max(reads(s) for s in range(24, 36))
     late = max(reads(s) for s in range(108, 120))
     assert late <= early + 1  # five times the history, the same reads (+1: one more page level at most)
+
+
+def test_restore_budget_sets_the_key_frame_interval(file_uri):
+    """restore_budget_s: key frames as often as the measured delta decode time allows."""
+    tight = rb.Checkpointer(file_uri, run="tight", restore_budget_s=1e-9)  # below one delta's decode: every save exact
+    train_and_save(tight, 8, extra=False)
+    assert tight._enc.key_every == 1 and all(r["kind"] != "delta" for r in tight.log()[5:])
+    loose = rb.Checkpointer(file_uri, run="loose", restore_budget_s=3600.0)
+    _, _, rec = train_and_save(loose, 12, extra=False)
+    assert loose._enc.key_every == 4096 and [r["kind"] for r in loose.log()][1:] == ["delta"] * 11
+    for s in range(12):
+        assert_matches_record(Reader(rb.open_store(file_uri), "loose").restore("main", s), rec, s)
+    fork = loose.fork("other", step=5)
+    assert fork.restore_budget_s == 3600.0
+    with pytest.raises(RaybranchError, match="not both"):
+        rb.Checkpointer(file_uri, run="x", restore_budget_s=1.0, key_every=5)
+    with pytest.raises(RaybranchError, match="restore_budget_s"):
+        rb.Checkpointer(file_uri, run="x", restore_budget_s=0)

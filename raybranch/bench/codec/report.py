@@ -20,6 +20,7 @@ SETTINGS = [
     ("key_every 64", {"key_every": 64}),
     ("key_every 128", {"key_every": 128}),
     ("key_every 1024", {"key_every": 1024}),
+    ("restore budget 5 ms", {"restore_budget_s": 0.005}),
     ("LC global 3-bit", {"codec": "lc", "bits": 3, "granularity": "global"}),
 ]
 SAMPLES = 20
