@@ -21,8 +21,8 @@ steps ∝ σ (equal relative error per tensor); docs/DECISIONS.md has the measur
 checked exactly on the float32 reconstruction the decoder will hold, not estimated: every
 checkpoint is within ρ of one step's update of the trained state. The search starts at the last
 save's j (the first from the data: κ₀ = RMS(δ) / mean √σ), gallops up or down to the first grid
-point on the other side of the target and bisects: 2–3 quantizer passes a save when the updates
-change slowly. A step that changes nothing (u_t = u_{t−1}) codes nothing. |q_i| is clipped at
+point on the other side of the target and bisects: 3–5 quantizer passes a save on the benchmark
+runs (7–8 for a search from scratch). A step that changes nothing (u_t = u_{t−1}) codes nothing. |q_i| is clipped at
 2^16; the clip only binds at steps far below the entries.
 
 The encoder needs u_{t−1}. A writer that continues a branch (a restarted job, a fork) takes it to
