@@ -18,12 +18,11 @@ of its own so ``store.total_bytes(run)`` is that mechanism's alone:
 
 * main trains every slice as it arrives, clean only the verified ones (all but k), slice by
   slice side by side, a checkpoint every ``checkpoint_every`` steps, early stopping per slice;
-* ``serve_snapshot``: clean's slice-end checkpoints are exact snapshots, so its head — what
-  instant recovery serves — restores in one read instead of a chain of every delta since the
-  branch point (DESIGN.md: "slice-end checkpoints that restore in one read"); costs a full copy
-  per slice end on clean only (on by default for both mechanisms; measured on the demo: LC
-  clean 62× → 48×, instant 52 → 12 ms; LC+dLoRA clean 223× → 96×, 62 → 21 ms — a snapshot
-  re-stores every exact tensor, the unchanged Delta-LoRA anchor included, which is most of it);
+* ``serve_snapshot``: clean's slice-end checkpoints are exact (key frames) even with
+  ``slice_end="lossy"``, so its head — what instant recovery serves — restores bit for bit from
+  its exact state, not after a chain of deltas; costs an exact checkpoint per slice end on
+  clean only (on by default for both mechanisms; an exact checkpoint re-stores every exact
+  tensor, the unchanged Delta-LoRA anchor included);
 * quarantine(k): instant recovery = restore clean's head from the store (timed, cold reader);
   replay = fork main at ``step_before_slice(main, k)`` into ``replay`` and train slices k+1…
   (timed from the restore on); the oracle = the same mechanism trained from the branch point on

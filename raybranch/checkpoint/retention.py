@@ -26,7 +26,7 @@ from ..ledger.refs import list_links, read_branch_ref, update_branch_ref
 from ..store.blob import Row, write_blob
 from ..store.store import Store
 from . import state as st
-from .restore import Reader
+from .restore import EXACT_KINDS, Reader
 
 DAY_S = 86400.0
 
@@ -84,7 +84,7 @@ def _cutoff(entries: list[dict], policy: dict, now: float, sealed_up_to: int) ->
         young = [e["step"] for e in entries if e["time"] >= now - float(policy["keep_days"]) * DAY_S]
         cuts.append(young[0] if young else entries[-1]["step"] + 1)
     oldest_recent = min(cuts)
-    exact = [e["step"] for e in entries if e["kind"] in ("snapshot", "key") and e["step"] <= min(oldest_recent, sealed_up_to)]
+    exact = [e["step"] for e in entries if e["kind"] in EXACT_KINDS and e["step"] <= min(oldest_recent, sealed_up_to)]
     return exact[-1] if exact else None
 
 

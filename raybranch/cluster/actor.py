@@ -6,7 +6,7 @@
         ckpt.save(step, model, optimizer)        # returns after copying the state to a CPU buffer
     ckpt.close()                                  # waits for every save
 
-Data flow of one save (DESIGN.md "Data flow")::
+Data flow of one save::
 
     training worker                                CheckpointActor (one per run/branch)
       main thread: state → one byte buffer (copy)    Checkpointer.save: δ vs ũ, quantize, zstd,

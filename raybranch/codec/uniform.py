@@ -108,7 +108,7 @@ class UniformEncoder:
         step_update = u - self.prev
         scale = self._scales(step_update, delta)
         q, steps, qv = self._rate_control(u, delta, scale, float(step_update.norm()))
-        self._captured = u.clone()
+        self._captured = u  # a reference: callers hand over ``flat`` and do not change it
         return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
 
     def advance(self, qv: torch.Tensor) -> None:
@@ -123,7 +123,8 @@ class UniformEncoder:
 
     def _scales(self, step_update: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         st = self._per_tensor_rms(step_update)
-        st = torch.where(st > 0, st, self._per_tensor_rms(delta))
+        if not bool((st > 0).all()):
+            st = torch.where(st > 0, st, self._per_tensor_rms(delta))
         return st.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
     def _quantize(self, delta: torch.Tensor, steps: torch.Tensor):

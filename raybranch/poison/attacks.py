@@ -6,7 +6,7 @@
   the normalised pixel range (per channel, the maximum over the images given), the trigger of
   BadNets (Gu et al., 2017).
 - ``poison_backdoor``: a ``rate`` of the given indices get the trigger and label ``target``.
-- ``attack_success_rate`` (DESIGN.md "Metrics"): among test inputs whose true label ≠ target,
+- ``attack_success_rate``: among test inputs whose true label ≠ target,
   the share classified as ``target`` once triggered,
   ASR = |{i : y_i ≠ t, f(trigger(x_i)) = t}| / |{i : y_i ≠ t}|.
 
