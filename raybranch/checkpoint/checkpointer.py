@@ -16,16 +16,27 @@ seconds of delta decoding allow) are coded against the previous exact state
 (:mod:`raybranch.checkpoint.encode`), so a restore applies at most ``key_every`` deltas; see
 docs/BENCHMARKS.md for the measured trade-off.
 
-Each save is one commit of the branch's log (:mod:`raybranch.ledger`): the blob, then the commit
-record, created only if absent. The first save registers the Checkpointer as the branch's writer
-(a fence commit with a new epoch): from then on an older writer of the branch is refused with
-:class:`~raybranch.errors.FencedError`. Every ``segment_size`` commits are sealed into a page and
-their blobs compacted into one segment blob (:mod:`raybranch.checkpoint.compact`), which removes
-per-file overhead and recompresses the streams with a slower, stronger zstd level.
+Saves go through one pipeline (:mod:`raybranch.checkpoint.pipeline`): ``save`` *captures* the
+state on the training thread (a copy into reused buffers and the NaN/Inf check,
+:mod:`raybranch.checkpoint.capture`) and returns; a thread behind it encodes each step against
+the reconstruction ũ (which advances at capture order, before any commit), and **group-commits**
+many steps as one blob and one commit (:mod:`raybranch.checkpoint.group`). The durability window,
+what a crash may lose, is the open group: ``flush_every`` (64) steps or ``flush_seconds`` (5 s),
+whichever closes first; exact checkpoints close a group, tagged saves and ``flush()``/``close()``
+wait for the commit. A failure behind the training thread (a store error after retries, a newer
+writer) is raised by the next ``save``, ``flush`` or ``close`` with its type and message, naming
+the steps that were not committed; the in-memory state is then rebuilt from the last commit and
+training can go on from there. ``background=False`` runs the same pipeline inline (the checkpoint
+actor does: it is the background already).
+
+The first save registers the Checkpointer as the branch's writer (a fence commit with a new
+epoch): from then on an older writer of the branch is refused with
+:class:`~raybranch.errors.FencedError`. Groups are written once, at the compression level they
+were encoded with; ``segment_size`` > 0 restores the old compaction of every page of that many
+commits into one segment blob at a stronger zstd level (for writers committing single steps).
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 import warnings
@@ -33,22 +44,27 @@ import warnings
 import torch
 
 from ..codec.modes import make_params
-from ..errors import ConflictError, FencedError, NonFiniteError, NotFoundError, RaybranchError
+from ..errors import ConflictError, FencedError, NotFoundError, RaybranchError
 from ..ledger.branch import BranchLog, BranchWriter
 from ..ledger.lineage import Lineage, create_branch
 from ..ledger.pages import Sealer
-from ..ledger.records import PAGE_SIZE, check_name, layout_key
+from ..ledger.records import PAGE_SIZE, check_name
 from ..ledger.refs import read_branch_ref
-from ..store.blob import Row, write_blob
-from ..store.store import Store, json_bytes, open_store
+from ..store.store import Store, open_store
+from .capture import BufferPool, Capture, capture
 from .compact import compact_rows
 from .encode import StateEncoder
-from .layout import LayoutRules, buffer_names
+from .group import MAX_GROUP_BYTES, OpenGroup, RetryPolicy, commit_group
 from .history import branch_log, log_record
+from .layout import LayoutRules
+from .pipeline import Pipeline, describe_steps
 from .restore import Reader
-
+from .training_state import TrainingState, collect
 
 DEFAULT_KEY_EVERY = 256  # deltas between key frames (docs/DECISIONS.md: the ratio/restore frontier)
+DEFAULT_FLUSH_EVERY = 64  # steps per group commit (docs/DECISIONS.md: the durability window)
+DEFAULT_FLUSH_SECONDS = 5.0
+DEFAULT_MAX_PENDING = 8  # captures queued behind the training thread before save() blocks
 
 
 class Checkpointer:
@@ -67,13 +83,17 @@ class Checkpointer:
         restore_budget_s: float | None = None,
         standalone_every: int = 8,
         snapshot_every: int | None = None,
-        segment_size: int = 64,
+        segment_size: int = 0,
         exact: tuple[str, ...] | list[str] = (),
         min_lossy_numel: int = 8,
         optimizer_codec: str = "exact",
         save_rng: bool | None = None,
         device: torch.device | str | None = None,
-        flush_every: int = 1,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        flush_seconds: float | None = DEFAULT_FLUSH_SECONDS,
+        background: bool = True,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        retry: RetryPolicy | None = None,
     ):
         self.store = open_store(store) if isinstance(store, str) else store
         self.run = check_name("run", run)
@@ -96,83 +116,86 @@ class Checkpointer:
             raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise RaybranchError(f"flush_every must be a positive number of saves per commit, got {flush_every!r}")
+        if flush_seconds is not None and (not isinstance(flush_seconds, (int, float)) or not flush_seconds > 0):
+            raise RaybranchError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise RaybranchError(f"max_pending must be a positive number of captures, got {max_pending!r}")
         self.key_every, self.standalone_every, self.restore_budget_s = key_every, standalone_every, restore_budget_s
         self.segment_size = segment_size
-        self.flush_every = flush_every
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self.retry = retry or RetryPolicy(attempts=3)
         self.rules = LayoutRules(tuple(re.compile(p) for p in exact), min_lossy_numel, optimizer_codec, save_rng)
         self.device = torch.device(device) if device is not None else None
         self._settings = dict(codec=codec, residual=residual, bits=bits, granularity=granularity, value=value,
                               key_every=None if restore_budget_s is not None else key_every,
                               restore_budget_s=restore_budget_s, standalone_every=standalone_every, segment_size=segment_size,
                               exact=list(exact), min_lossy_numel=min_lossy_numel, optimizer_codec=optimizer_codec,
-                              save_rng=save_rng, device=device, flush_every=flush_every)
+                              save_rng=save_rng, device=device, flush_every=flush_every, flush_seconds=flush_seconds,
+                              background=background, max_pending=max_pending, retry=retry)
         self.reader = Reader(self.store, self.run)
         self.sealer = Sealer(compact_rows if segment_size else None)
         self._writer: BranchWriter | None = None
         self._enc = StateEncoder(self.params, key_every, standalone_every, self.device, restore_budget_s)
-        self._head: dict | None = None  # the head step's entry
+        self._head: dict | None = None  # the head step's entry (pipeline side)
         self._loaded = False
-        self._group: list[tuple[dict, list[Row]]] = []  # saved, not yet committed
-        self._new_layouts: dict[str, bytes] = {}  # layouts the open group names that no commit of ours has yet
+        self._last_step: int | None = None  # the last step captured (training side)
+        self._group = OpenGroup()  # encoded, not yet committed
         self._fenced: str | None = None  # why this writer was fenced (it stays so until acquire())
         self._lapsed: tuple | None = None  # (epoch, writer id, branch id) held before a failed commit
-        self.timings = {"encode_s": 0.0, "write_s": 0.0, "compact_s": 0.0, "lossy_bytes": 0}
+        self._lost: list[int] = []  # steps of the open group lost with a failure that was not their commit
+        self._pool = BufferPool()
+        self._pipeline = Pipeline(f"raybranch-save-{self.branch}", self._process, max_pending=max_pending,
+                                  step_of=lambda c: c.step, due_in=self._due_in, on_idle=self._commit_group,
+                                  on_failure=self._reset_after_failure, release=Capture.release) if background else None
+        self.timings = {"capture_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0, "compact_s": 0.0,
+                        "blocked_s": 0.0, "lossy_bytes": 0, "retries": 0}
 
     # -- public API ---------------------------------------------------------------------------
     def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None,
              snapshot: bool | None = None) -> str:
-        """Commit a checkpoint of ``model`` (module or state_dict) at ``step``; returns its id.
+        """Checkpoint ``model`` (module or state_dict), ``optimizer`` and ``extra`` at ``step``;
+        returns its id. ``collect`` + :meth:`save_state`: see there."""
+        return self.save_state(step, collect(model, optimizer, extra, rng=self.rules.save_rng), slices=slices, tags=tags,
+                               snapshot=snapshot)
+
+    def save_state(self, step: int, state: TrainingState, *, slices=None, tags=None, snapshot: bool | None = None) -> str:
+        """Capture ``state`` at ``step`` and queue it for the pipeline; returns its id.
 
         ``snapshot``: True makes it exact (a key frame), False lossy even when tagged; None
-        (default): exact when it carries tags.
+        (default): exact when it carries tags. A tagged save returns once it is committed.
 
-        Nothing is written when any tensor holds NaN/Inf (:class:`NonFiniteError`) or when the
-        step does not come after the branch's head. A newer writer of the branch makes this raise
-        :class:`~raybranch.errors.FencedError`.
+        Raises, and queues nothing: NonFiniteError when a tensor holds NaN/Inf, RaybranchError
+        when the step does not come after the last one saved, the error of an earlier save that
+        failed behind the training thread (see the module docstring); FencedError once a newer
+        writer holds the branch. Blocks while ``max_pending`` captures wait (backpressure).
         """
         step = int(step)
-        tensors, meta = self.rules.collect(model, optimizer, extra)
-        if not self._loaded:  # becoming the writer writes (the branch, or a fence commit): refuse NaN/Inf before that
-            for n, t in tensors.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(f"tensor {n!r} holds NaN or Inf at step {step}; nothing was saved")
-        self._load_head()
-        if self._head is not None and step <= self._head["step"]:
-            raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._head['step']})")
-        layout, groups, exact_names = self.rules.layout(tensors, buffer_names(model))
-        flats = {g: torch.cat([tensors[n].reshape(-1).float() for n in names]) for g, names in groups.items()}
-        for n in exact_names:
-            t = tensors[n]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"tensor {n!r} holds NaN or Inf at step {step}; nothing was saved")
-
-        layout_bytes = json_bytes(layout)
-        layout_hash = hashlib.sha256(layout_bytes).hexdigest()
-        enc = self._enc
-        kind = enc.kind(self._head, layout_hash, exact=bool(tags) if snapshot is None else snapshot)
+        self._raise_failure()
+        if not self._loaded:  # the first save, or the first after a failure: register, read the head
+            c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot)
+            c.release()  # checked before becoming the writer writes anything (the branch, a fence commit)
+            self._load_head()
+            self._last_step = None if self._head is None else self._head["step"]
+        if self._last_step is not None and step <= self._last_step:
+            raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._last_step})")
         t0 = time.perf_counter()
-        rows, pending = enc.rows(step, kind, flats, groups, tensors, exact_names)  # raises on NaN/Inf: nothing written yet
-        self.timings["encode_s"] += time.perf_counter() - t0
-        self.timings["lossy_bytes"] = enc.lossy_bytes
-
-        writer = self._writer
-        if layout_hash != enc.layout_hash:
-            self._new_layouts[layout_hash] = layout_bytes  # written with the group that first names it
-        entry = {
-            "step": step,
-            **enc.entry_fields(kind, writer.bid, step, self._head),
-            "layout": layout_hash,
-            "slices": list(slices or []),
-            "tags": list(tags or []),
-            "meta": meta,
-            "time": round(time.time(), 3),
-        }
-        # the reconstruction advances at capture; a group that fails to commit rebuilds it from the store
-        enc.advance(pending, layout, flats, layout_hash, writer.bid, step)
-        self._head = {**entry, "branch_id": writer.bid}
-        self._group.append((entry, rows))
-        if len(self._group) >= self.flush_every or kind != "delta" or tags:
-            self._commit_group()
+        c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot)
+        self.timings["capture_s"] += time.perf_counter() - t0
+        self._last_step = step
+        if self._pipeline is None:
+            try:
+                self._process(c)
+            except BaseException as exc:
+                self._reset_after_failure(exc)
+                self._last_step = None
+                raise
+            finally:
+                c.release()
+        else:
+            self._pipeline.submit(c)
+            self.timings["blocked_s"] = self._pipeline.blocked_s
+            if c.tags:
+                self.flush()
         return f"{self.run}/{self.branch}/{step}"
 
     def restore(self, step: int | None = None, branch: str | None = None) -> dict:
@@ -189,6 +212,8 @@ class Checkpointer:
         return branch_log(lin)
 
     def head(self) -> dict | None:
+        """The log record of the newest step saved (committed once :meth:`flush` returns)."""
+        self.flush()
         self._load_head()
         return None if self._head is None else log_record({**self._head, "run": self.run}, self.branch, None)
 
@@ -211,53 +236,144 @@ class Checkpointer:
     def acquire(self) -> int:
         """Register as the branch's writer now (a restarted worker taking over; or, after a
         FencedError, taking the branch back on purpose); returns the epoch."""
+        if self._pipeline is not None:
+            self._pipeline.wait()
         self._fenced = self._lapsed = None
         self._load_head()
+        self._last_step = None if self._head is None else self._head["step"]
         return self._writer.epoch
 
     def flush(self) -> None:
-        """Commit the open group (the saves since the last commit) now."""
-        if self._group:
-            self._commit_group()
+        """Commit every step saved so far (wait for the pipeline); raise a failure behind it."""
+        if self._pipeline is not None:
+            self._pipeline.wait(self._commit_group)
+        elif self._group:
+            try:
+                self._commit_group()
+            except BaseException as exc:
+                self._reset_after_failure(exc)
+                raise
+        self._raise_failure()
 
     def close(self) -> None:
-        """Commit the open group; pages are sealed as they fill up, so nothing else is left."""
-        self.flush()
+        """flush, and stop the pipeline's thread (a later save starts it again)."""
+        try:
+            self.flush()
+        finally:
+            if self._pipeline is not None:
+                self._pipeline.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._pipeline is not None:
+            self._pipeline.close()
+
+    # -- the pipeline's side ------------------------------------------------------------------
+    def _process(self, c: Capture) -> None:
+        """Encode one capture (in capture order) into the open group; commit when its window closes."""
+        if c.ready is not None:  # asynchronous copies off a GPU
+            c.ready.synchronize()
+            c.check_finite()
+        if not self._loaded:
+            self._load_head()
+        enc = self._enc
+        kind = enc.kind(self._head, c.layout_hash, exact=c.want_exact)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
+        self.timings["encode_s"] += time.perf_counter() - t0
+        self.timings["encode_cpu_s"] += time.thread_time() - c0
+        self.timings["lossy_bytes"] = enc.lossy_bytes
+        writer = self._writer
+        if c.layout_hash != enc.layout_hash:
+            self._group.layouts[c.layout_hash] = c.layout_bytes  # written with the group that first names it
+        entry = {
+            "step": c.step,
+            **enc.entry_fields(kind, writer.bid, c.step, self._head),
+            "layout": c.layout_hash,
+            "slices": c.slices,
+            "tags": c.tags,
+            "meta": c.meta,
+            "time": c.time,
+        }
+        # the reconstruction advances at capture order; a group that fails to commit rebuilds it from the store
+        enc.advance(pending, c.layout, c.flats, c.layout_hash, writer.bid, c.step)
+        self._head = {**entry, "branch_id": writer.bid}
+        self._group.add(entry, rows)
+        if (len(self._group) >= self.flush_every or kind != "delta" or c.tags or self._group.nbytes >= MAX_GROUP_BYTES
+                or (self._due_in() or 1.0) <= 0):
+            self._commit_group()
+
+    def _due_in(self) -> float | None:
+        """Seconds until the open group's window closes (None: no group, or no time limit)."""
+        if not self._group or self.flush_seconds is None:
+            return None
+        return self._group.opened + self.flush_seconds - time.monotonic()
 
     def _commit_group(self) -> None:
         """One blob and one commit for the open group. On failure the group is lost (the error
-        names its steps) and the in-memory state is rebuilt from the last commit by the next save."""
-        group, self._group = self._group, []
+        names its steps) and the in-memory state is rebuilt from the last commit."""
+        group = self._group
+        if not group:
+            return
+        self._group = OpenGroup()
         t1 = time.perf_counter()
         writer = self._writer
-        steps = [e["step"] for e, _ in group]
-        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
+        span = describe_steps(group.steps)
+        seal_s = self.sealer.seconds
         try:
-            for h, doc in self._new_layouts.items():  # right before the commit, like the blob: gc's grace covers both
-                if not self.store.create(layout_key(self.run, h), doc):
-                    self.store.touch(layout_key(self.run, h))
-            rows = [r for _, rs in group for r in rs]
-            blob = write_blob(rows, {"run": self.run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]]})
-            h, size = self.store.put_blob(self.run, blob)
-            seal_s = self.sealer.seconds
-            writer.commit([e for e, _ in group], [{"name": "0", "blob": [h, size]}],
-                          slices=sorted({k for e, _ in group for k in e["slices"]}))
+            commit_group(self.store, self.run, writer, group, self.retry, on_retry=self._count_retry)
         except RaybranchError as exc:
-            self._lapsed = (writer.epoch, writer.writer_id, writer.bid)
-            self._loaded, self._writer, self._head = False, None, None
-            self._new_layouts.clear()  # the reload from the last commit names its own
             if isinstance(exc, FencedError):  # stays fenced: only acquire() takes the branch back
                 self._fenced = f"{span} of branch {self.branch!r} not committed: {exc}"
                 raise FencedError(self._fenced) from None
+            self._lapsed = (writer.epoch, writer.writer_id, writer.bid)
             raise type(exc)(f"{span} of branch {self.branch!r} not committed: {exc}") from None
-        self._new_layouts.clear()
         try:  # the commit stands; a seal cut short (store error) is finished by the next commit
             self.sealer.seal_due(writer)
         except RaybranchError as exc:
             warnings.warn(f"branch {self.branch!r}: {span} committed, but sealing "
-                          f"(compaction) of a full page failed; the next commit retries it: {exc}", stacklevel=3)
+                          f"of a full page failed; the next commit retries it: {exc}", stacklevel=3)
         self.timings["compact_s"] += self.sealer.seconds - seal_s
         self.timings["write_s"] += time.perf_counter() - t1 - (self.sealer.seconds - seal_s)
+
+    def _count_retry(self) -> None:
+        self.timings["retries"] += 1
+
+    def _reset_after_failure(self, exc: BaseException) -> None:
+        """After a failure behind the training thread, the next save rebuilds the in-memory state
+        from the last commit. A failure while encoding leaves the steps before it in the open
+        group: they are committed now (or, if that fails too, named as lost)."""
+        if self._group and self._writer is not None and not self._fenced:
+            steps = self._group.steps
+            try:
+                self._commit_group()
+            except BaseException:  # noqa: BLE001 - reported with the first failure
+                self._lost = steps
+        self._group = OpenGroup()
+        if self._writer is not None and self._lapsed is None and not self._fenced:
+            self._lapsed = (self._writer.epoch, self._writer.writer_id, self._writer.bid)
+        self._loaded, self._writer, self._head = False, None, None
+
+    def _raise_failure(self) -> None:
+        """Raise what failed behind the training thread (once), naming the steps not committed."""
+        if self._pipeline is None or not self._pipeline.failed:
+            return
+        self._pipeline.wait()  # the captures queued behind the failure are dropped by now
+        exc, step, dropped = self._pipeline.take_failure()
+        self._last_step = None
+        msg = str(exc)
+        if step is not None and not msg.startswith(("step ", "steps ")):
+            msg = f"step {step} of branch {self.branch!r} not saved: {msg}"
+        if self._lost:
+            msg += f"; {describe_steps(self._lost)}, saved before it, were not committed either"
+        if dropped:
+            msg += f"; {describe_steps(dropped)}, queued after it, were dropped"
+        self._lost = []
+        raise _same_type(exc, msg) from None
 
     # -- internals ----------------------------------------------------------------------------
     def _load_head(self) -> None:
@@ -316,3 +432,13 @@ def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Che
 
 
 __all__ = ["Checkpointer", "log_record", "open_checkpointer"]
+
+
+def _same_type(exc: BaseException, msg: str) -> BaseException:
+    """``exc``'s type with message ``msg`` (a RaybranchError when the type takes other arguments)."""
+    if msg == str(exc):
+        return exc
+    try:
+        return type(exc)(msg)
+    except Exception:  # noqa: BLE001
+        return RaybranchError(f"{type(exc).__name__}: {msg}")

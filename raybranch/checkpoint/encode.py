@@ -62,10 +62,10 @@ class StateEncoder:
             return "delta"
         return "snapshot" if self.keys_since_snapshot + 1 >= self.standalone_every else "key"
 
-    def rows(self, step: int, kind: str, flats: dict[str, torch.Tensor], groups: dict[str, list[str]],
-             tensors: dict[str, torch.Tensor], exact_names: list[str]) -> tuple[list[Row], dict]:
-        """(rows of the checkpoint, what :meth:`advance` needs). Raises NonFiniteError (nothing
-        changes) when a lossy group holds NaN/Inf."""
+    def rows(self, step: int, kind: str, flats: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> tuple[list[Row], dict]:
+        """(rows of the checkpoint, what :meth:`advance` needs) for the lossy groups ``flats``
+        and the ``exact`` tensors. Raises NonFiniteError (nothing changes) on NaN/Inf (which a
+        capture has ruled out already, naming the tensor)."""
         rows: list[Row] = []
         pending: dict = {"kind": kind, "q": {}, "changed": {}, "flats": None}
         if kind == "delta":
@@ -80,8 +80,7 @@ class StateEncoder:
             arrays = {}
             for g, flat in flats.items():
                 if not bool(torch.isfinite(flat).all()):
-                    bad = next(n for n in groups[g] if not bool(torch.isfinite(tensors[n]).all()))
-                    raise NonFiniteError(f"tensor {bad!r} holds NaN or Inf at step {step}; nothing was saved")
+                    raise NonFiniteError(f"lossy group {g!r} holds NaN or Inf at step {step}; nothing was saved")
                 arrays[g] = flat.detach().cpu().numpy().copy()
             for g, a in arrays.items():
                 if kind == "key":
@@ -89,8 +88,7 @@ class StateEncoder:
                 else:
                     rows.append(Row(step, g, "recon", "float32", (a.size,), encode_exact(a)))
             pending["flats"] = arrays
-        for n in exact_names:
-            t = tensors[n]
+        for n, t in exact.items():
             prev = self.last_exact.get(n)
             if kind != "delta" or prev is None or prev.shape != t.shape or not torch.equal(prev, t.to(prev.device)):
                 pending["changed"][n] = t
@@ -129,7 +127,7 @@ class StateEncoder:
             self.keys_since_snapshot = 0 if kind == "snapshot" else self.keys_since_snapshot + 1
         self.layout_hash = layout_hash
         for n, t in pending["changed"].items():
-            self.last_exact[n] = t.detach().clone()
+            self.last_exact[n] = t  # a capture's own copy
 
     def reset(self, layout: dict, flats: dict[str, torch.Tensor]) -> None:
         self.encoders = {}

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RaybranchError
 from . import state as st
+from .training_state import GROUPS
 
-_STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")
-RESERVED = ("optim", "rng", "extra")
+RESERVED = GROUPS[1:]
 
 
 @dataclass(frozen=True)
@@ -34,27 +33,6 @@ class LayoutRules:
         if name.startswith("optim/") and self.optimizer_codec != "lc":
             return False
         return not any(p.search(name) for p in self.exact_patterns)
-
-    def collect(self, model, optimizer, extra) -> tuple[dict[str, torch.Tensor], dict]:
-        """(flat-named tensors, JSON meta) of a save."""
-        tensors = st.model_tensors(model)
-        for k in tensors:
-            if k.split("/", 1)[0] in RESERVED:
-                raise RaybranchError(f"model state key {k!r} clashes with raybranch's reserved prefixes")
-        meta: dict = {}
-        if optimizer is not None:
-            ot, om = st.optimizer_tensors(optimizer)
-            tensors.update(ot)
-            meta["optimizer"] = om
-        if self.save_rng if self.save_rng is not None else optimizer is not None:
-            rt, rm = st.rng_tensors()
-            tensors.update(rt)
-            meta["rng"] = rm
-        if extra:
-            et, em = st.extra_tensors(extra)
-            tensors.update(et)
-            meta["extra"] = em
-        return tensors, meta
 
     def layout(self, tensors: dict[str, torch.Tensor], buffers: set[str]) -> tuple[dict, dict[str, list[str]], list[str]]:
         """(layout document, lossy groups {group: names}, exact names)."""
@@ -80,10 +58,3 @@ class LayoutRules:
             "model_keys": [n for n in tensors if not n.startswith(tuple(p + "/" for p in RESERVED))],
         }
         return doc, groups, exact
-
-
-def buffer_names(model) -> set[str]:
-    """Float buffers of a module; for a plain state_dict, BatchNorm-style running statistics."""
-    if isinstance(model, torch.nn.Module):
-        return {n for n, _ in model.named_buffers()}
-    return {n for n in model if _STAT_BUFFER.search(n)}

@@ -7,6 +7,7 @@ Every tensor gets a flat name: model tensors keep their ``state_dict`` key, the 
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,14 @@ _NUMPY_VIEW = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as same
 for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
     if hasattr(torch, _name):
         _NUMPY_VIEW[getattr(torch, _name)] = torch.uint8
+
+
+_STAT_BUFFER = re.compile(r"(^|\.)running_(mean|var)$")
+
+
+def is_stat_buffer(name: str) -> bool:
+    """A BatchNorm-style running statistic (how a plain state_dict's float buffers are known)."""
+    return _STAT_BUFFER.search(name) is not None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -79,7 +79,13 @@ class UniformEncoder:
     def __init__(self, names: list[str], sizes: list[int], params: UniformParams, device: torch.device | str = "cpu"):
         self.names, self.sizes, self.params = list(names), list(sizes), params
         self.device = torch.device(device)
-        self._sizes_t = torch.tensor(self.sizes, device=self.device)
+        sizes_t = torch.tensor(self.sizes, dtype=torch.int64)
+        # per-tensor sums/maxima and the steps spread over the entries: numpy's segment ops on a
+        # CPU (several times faster than torch's there), a scatter / gather on an accelerator
+        self._np_segments = self.device.type == "cpu" and all(n > 0 for n in self.sizes)
+        self._offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self._seg = torch.repeat_interleave(torch.arange(len(self.sizes)), sizes_t).to(self.device)
+        self._count = sizes_t.clamp_min(1).to(self.device, torch.float32)
         self.recon: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # u_{t−1}
         self._captured: torch.Tensor | None = None  # u_t of the last encode, until advance()
@@ -97,29 +103,50 @@ class UniformEncoder:
 
     def encode(self, flat: torch.Tensor, level: int = FAST_LEVEL) -> tuple[bytes, np.ndarray, torch.Tensor]:
         """u_t → (sparse symbol stream, steps Δ [S] float32, q ⊙ Δ). ũ moves only in :meth:`advance`."""
+        q, steps, qv = self.quantize(flat)
+        return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
+
+    def quantize(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u_t → (q int32 [N], steps Δ [S] float32, q ⊙ Δ), on the encoder's device; raises
+        NonFiniteError (nothing changes) on NaN/Inf or a delta that overflows float32."""
         assert self.recon is not None, "reset() first"
         u = flat.detach().to(self.device, torch.float32)
         delta = u - self.recon
-        if not bool(torch.isfinite(delta).all()):
-            name = self._first_nonfinite(u if not bool(torch.isfinite(u).all()) else delta)
-            if bool(torch.isfinite(u).all()):
-                raise NonFiniteError(f"the delta of tensor {name!r} overflows float32; nothing was saved")
-            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf; nothing was saved")
+        if not bool(torch.isfinite(delta.sum())):  # a finite sum: every entry is finite
+            if not bool(torch.isfinite(delta).all()):
+                name = self._first_nonfinite(u if not bool(torch.isfinite(u).all()) else delta)
+                if bool(torch.isfinite(u).all()):
+                    raise NonFiniteError(f"the delta of tensor {name!r} overflows float32; nothing was saved")
+                raise NonFiniteError(f"tensor {name!r} holds NaN or Inf; nothing was saved")
         step_update = u - self.prev
         scale = self._scales(step_update, delta)
         q, steps, qv = self._rate_control(u, delta, scale, float(step_update.norm()))
-        self._captured = u  # a reference: callers hand over ``flat`` and do not change it
-        return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
+        self._captured = u  # a reference until advance(), which copies it
+        return q, steps, qv
 
     def advance(self, qv: torch.Tensor) -> None:
         """ũ_t = ũ_{t−1} + q ⊙ Δ, and u_t becomes the next step's u_{t−1}."""
         self.recon += qv
-        self.prev = self._captured
+        self.prev.copy_(self._captured)  # a copy: the caller may reuse its buffer
+        self._captured = None
 
     # -- internals ----------------------------------------------------------------------------
+    def _per_tensor(self, x: torch.Tensor, reduce: str) -> torch.Tensor:
+        """Per-tensor "sum" or "amax" of an [N] vector."""
+        if self._np_segments:
+            ufunc = np.add if reduce == "sum" else np.maximum
+            return torch.from_numpy(ufunc.reduceat(x.numpy(), self._offsets))
+        out = torch.zeros(len(self.sizes), dtype=x.dtype, device=x.device)
+        return out.scatter_reduce_(0, self._seg, x, reduce, include_self=True)
+
+    def _spread(self, steps: torch.Tensor) -> torch.Tensor:
+        """[S] per-tensor values → [N], each entry its tensor's."""
+        if self._np_segments:
+            return torch.from_numpy(np.repeat(steps.numpy(), self.sizes))
+        return steps.index_select(0, self._seg)
+
     def _per_tensor_rms(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(x, self.sizes)
-        return torch.stack([p.pow(2).mean() if p.numel() else x.new_zeros(()) for p in parts]).sqrt()
+        return (self._per_tensor(x * x, "sum") / self._count).sqrt()
 
     def _scales(self, step_update: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         st = self._per_tensor_rms(step_update)
@@ -127,12 +154,13 @@ class UniformEncoder:
             st = torch.where(st > 0, st, self._per_tensor_rms(delta))
         return st.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
-    def _quantize(self, delta: torch.Tensor, steps: torch.Tensor):
-        full = torch.repeat_interleave(steps, self._sizes_t)
-        mag = torch.floor(delta.abs() / full + 0.5).clamp_(max=MAX_MAGNITUDE).to(torch.int32)
-        q = torch.where(delta < 0, -mag, mag)
-        qv = q.to(torch.float32) * full
-        return q, qv
+    @staticmethod
+    def _quantize(delta: torch.Tensor, full: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q ⊙ Δ as float32, q = round(δ_i / Δ_{s(i)}) clipped to ±2^16 with no −0 (so ũ + q⊙Δ is
+        the decoder's sum bit for bit); ``full`` holds Δ_{s(i)} per entry."""
+        q = torch.div(delta, full, out=out)
+        torch.round(q, out=q)  # half to even; the decoder only sees q
+        return q.clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE).add_(0.0).mul_(full)
 
     def _rate_control(self, u: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, step_norm: float):
         """The largest κ (to 5 %) with ‖u_t − (ũ_{t−1} + q⊙Δ)‖ ≤ ρ·‖u_t − u_{t−1}‖; see the module docstring."""
@@ -141,20 +169,21 @@ class UniformEncoder:
         if dnorm <= target or dnorm == 0:
             self.last_residual = dnorm / step_norm if step_norm > 0 else None
             return torch.zeros_like(delta, dtype=torch.int32), torch.zeros_like(scale), torch.zeros_like(delta)
-        amax = torch.stack([p.abs().max() if p.numel() else p.new_zeros(()) for p in torch.split(delta, self.sizes)])
+        amax = self._per_tensor(delta.abs(), "amax")
         live = amax > 0
         j_min = _grid_index(float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE)  # below it every tensor's largest entry clips
-        tried: dict[int, tuple] = {}
+        tried: dict[int, float] = {}
+        qv, e = torch.empty_like(delta), torch.empty_like(delta)  # reused by every trial
 
-        def trial(j: int) -> tuple:  # (q, steps, qv, r) at κ = 2^(j/16)
+        def steps_at(j: int) -> torch.Tensor:  # Δ_s = κ·√σ_s in float32, κ = 2^(j/16)
+            return torch.tensor(_GRID ** j, dtype=torch.float32, device=scale.device) * scale
+
+        def ok(j: int) -> bool:  # ‖u − (ũ + q⊙Δ)‖ ≤ target at κ_j, on the float32 sum the decoder forms
             if j not in tried:
-                steps = (_GRID ** j * scale).float()
-                q, qv = self._quantize(delta, steps)
-                tried[j] = (q, steps, qv, float((u - (self.recon + qv)).norm()))
-            return tried[j]
-
-        def ok(j: int) -> bool:
-            return trial(j)[3] <= target
+                self._quantize(delta, self._spread(steps_at(j)), out=qv)
+                torch.sub(u, torch.add(self.recon, qv, out=e), out=e)
+                tried[j] = float(torch.dot(e, e)) ** 0.5
+            return tried[j] <= target
 
         j = self._j if self._j is not None else _grid_index(dnorm / math.sqrt(delta.numel()) / float(scale.mean()))
         if ok(j):  # gallop up to the first κ that misses, then bisect: the largest κ that meets the target
@@ -171,10 +200,13 @@ class UniformEncoder:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         if not ok(lo):  # the target is out of reach (a clip binds): the closest we got
-            lo = min(tried, key=lambda k: tried[k][3])
+            lo = min(tried, key=tried.__getitem__)
         self._j = lo
-        q, steps, qv, r = trial(lo)
-        self.last_residual = r / step_norm if step_norm > 0 else None
+        steps = steps_at(lo)
+        full = self._spread(steps)
+        qf = torch.div(delta, full).round_().clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE).add_(0.0)
+        q, qv = qf.to(torch.int32), qf.mul_(full)  # what ok(lo) tried
+        self.last_residual = tried[lo] / step_norm if step_norm > 0 else None
         return q, steps, qv
 
     def _first_nonfinite(self, flat: torch.Tensor) -> str:

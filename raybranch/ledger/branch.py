@@ -293,15 +293,27 @@ class BranchWriter:
         doc = expand_steps(doc)
         rel = commit_key(self.run, self.bid, seq)
         if not self.store.create(rel, data):
-            other = unseal(decode_json(rel, self.store.read_bytes(rel), False), rel, COMMIT_FORMAT)
-            what = f"steps {steps[0]['step']}..{steps[-1]['step']}" if steps else "a fence"
-            if other["epoch"] > self.epoch:
-                raise FencedError(f"branch {log.name!r} of run {self.run!r}: writer epoch {self.epoch} was fenced by "
-                                  f"epoch {other['epoch']} at commit {seq}; its commit of {what} was refused, nothing was overwritten")
-            raise ConflictError(f"branch {log.name!r} of run {self.run!r}: commit {seq} ({what}) lost to another writer "
-                                f"of epoch {other['epoch']}; nothing was overwritten")
+            raw = self.store.read_bytes(rel)
+            other = unseal(decode_json(rel, raw, False), rel, COMMIT_FORMAT)
+            if not self._own_earlier_attempt(other, head, steps):
+                self._refuse(other, seq, steps)
+            data, doc = raw, expand_steps(other)  # an attempt whose reply was lost created it
         self.commit_bytes += len(data)
         log.head = doc
         log._commits[seq] = doc
         log.tail_seqs.append(seq)
         return doc
+
+    def _own_earlier_attempt(self, other: dict, head: dict, steps: list[dict]) -> bool:
+        """The record at our next seq is this writer's: same writer and epoch, on our head, the same steps."""
+        return (other.get("writer") == self.writer_id and other["epoch"] == self.epoch and other.get("parent") == head["checksum"]
+                and [e["step"] for e in expand_steps(other)["steps"]] == [e["step"] for e in steps])
+
+    def _refuse(self, other: dict, seq: int, steps: list[dict]) -> None:
+        log = self.log
+        what = f"steps {steps[0]['step']}..{steps[-1]['step']}" if steps else "a fence"
+        if other["epoch"] > self.epoch:
+            raise FencedError(f"branch {log.name!r} of run {self.run!r}: writer epoch {self.epoch} was fenced by "
+                              f"epoch {other['epoch']} at commit {seq}; its commit of {what} was refused, nothing was overwritten")
+        raise ConflictError(f"branch {log.name!r} of run {self.run!r}: commit {seq} ({what}) lost to another writer "
+                            f"of epoch {other['epoch']}; nothing was overwritten")

@@ -1,0 +1,123 @@
+"""Capture: the only part of a save that runs on the training thread.
+
+A capture takes what the encoder needs out of a :class:`~raybranch.checkpoint.training_state.TrainingState`
+before the training loop changes it again:
+
+* each lossy group flattened into one float32 vector u_t, copied into a buffer reused from
+  save to save (:class:`BufferPool`; no fresh pages to fault in);
+* the exact tensors (integer buffers, tiny tensors, lossless optimizer state, RNG, extras),
+  copied;
+* the NaN/Inf check, with the error naming the tensor: a step that fails it is not queued, and
+  nothing is written.
+
+On a CUDA state the copies go to pinned host memory asynchronously (or, when the encoder runs on
+the device, to device buffers) and a CUDA event marks their end: the pipeline waits on the event,
+the training thread does not. The NaN/Inf check of a CUDA state then runs on the pipeline thread
+(a check on the training thread would wait for the GPU) and its error comes with the next call.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+
+from ..errors import NonFiniteError
+from ..store.store import json_bytes
+
+
+class BufferPool:
+    """Reusable flat buffers by (group, numel, device, pinned): a buffer goes back with :meth:`give`
+    once the pipeline is done with it."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, key: str, n: int, device: torch.device, pinned: bool) -> torch.Tensor:
+        free = self._free.get((key, n, device, pinned))
+        if free:
+            return free.pop()
+        return torch.empty(n, dtype=torch.float32, device=device, pin_memory=pinned)
+
+    def give(self, key: str, buf: torch.Tensor) -> None:
+        self._free.setdefault((key, buf.numel(), buf.device, buf.is_pinned()), []).append(buf)
+
+
+class Capture:
+    """One save on its way to the store."""
+
+    __slots__ = ("step", "flats", "exact", "groups", "layout", "layout_hash", "layout_bytes", "meta", "slices",
+                 "tags", "want_exact", "time", "ready", "pool")
+
+    def release(self) -> None:
+        """Hand the flat buffers back to the pool (the encoder copies what it keeps)."""
+        if self.pool is not None:
+            for g, buf in self.flats.items():
+                self.pool.give(g, buf)
+            self.pool = None
+
+    def check_finite(self) -> None:
+        """NonFiniteError naming the first tensor that holds NaN/Inf (a finite sum of a vector
+        means every entry is finite: one reduction per group on the common path)."""
+        for g, flat in self.flats.items():
+            if not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+                sizes = self.layout["groups"][g]["sizes"]
+                bad = int(torch.nonzero(~torch.isfinite(flat))[0])
+                i = 0
+                while bad >= sizes[i]:
+                    bad, i = bad - sizes[i], i + 1
+                self._nonfinite(self.groups[g][i])
+        for n, t in self.exact.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                self._nonfinite(n)
+
+    def _nonfinite(self, name: str) -> None:
+        raise NonFiniteError(f"tensor {name!r} holds NaN or Inf at step {self.step}; nothing was saved")
+
+
+def capture(step: int, state, rules, pool: BufferPool, device: torch.device | None, *, slices=None, tags=None,
+            snapshot: bool | None = None) -> Capture:
+    """A :class:`Capture` of ``state`` at ``step`` under the Checkpointer's ``rules``; ``device``
+    is where the encoder runs (None: the CPU)."""
+    tensors = state.tensors
+    layout, groups, exact_names = rules.layout(tensors, state.buffers)
+    c = Capture()
+    c.step, c.groups, c.layout, c.meta = step, groups, layout, state.meta
+    c.layout_bytes = json_bytes(layout)
+    c.layout_hash = hashlib.sha256(c.layout_bytes).hexdigest()
+    c.slices, c.tags = list(slices or []), list(tags or [])
+    c.want_exact = bool(tags) if snapshot is None else bool(snapshot)
+    c.time = round(time.time(), 3)
+    c.pool, c.flats, c.exact, c.ready = pool, {}, {}, None
+    cuda = False
+    for g, names in groups.items():
+        parts = [tensors[n].detach().reshape(-1) for n in names]
+        src = parts[0].device
+        cuda |= src.type == "cuda"
+        dst = device if device is not None else torch.device("cpu")
+        buf = pool.take(g, sum(p.numel() for p in parts), dst, pinned=src.type == "cuda" and dst.type == "cpu")
+        if src == dst and all(p.dtype == torch.float32 for p in parts):
+            torch.cat(parts, out=buf)
+        else:
+            buf.copy_(torch.cat([p.float() for p in parts]), non_blocking=True)
+        c.flats[g] = buf
+    for n in exact_names:
+        t = tensors[n].detach()
+        if t.is_cuda:
+            cuda = True
+            c.exact[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        else:
+            c.exact[n] = t.clone()
+    if cuda:
+        c.ready = torch.cuda.Event()
+        c.ready.record()
+    else:
+        try:
+            c.check_finite()
+        except NonFiniteError:
+            c.release()
+            raise
+    return c
+
+
+__all__ = ["BufferPool", "Capture", "capture"]
