@@ -32,6 +32,20 @@ class BufferPool:
 
     def __init__(self):
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._layouts: dict[tuple, tuple] = {}
+
+    def layout(self, rules, state) -> tuple:
+        """(layout, lossy groups, exact names, layout bytes, its sha256) of a state, cached by
+        its names, shapes and dtypes (a layout changes rarely; hashing it every step costs)."""
+        key = (rules, state.buffers, tuple((n, t.shape, t.dtype) for n, t in state.tensors.items()))
+        hit = self._layouts.get(key)
+        if hit is None:
+            layout, groups, exact = rules.layout(state.tensors, state.buffers)
+            doc = json_bytes(layout)
+            hit = self._layouts[key] = (layout, groups, exact, doc, hashlib.sha256(doc).hexdigest())
+            while len(self._layouts) > 8:
+                self._layouts.pop(next(iter(self._layouts)))
+        return hit
 
     def take(self, key: str, n: int, device: torch.device, pinned: bool) -> torch.Tensor:
         free = self._free.get((key, n, device, pinned))
@@ -72,7 +86,21 @@ class Capture:
                 self._nonfinite(n)
 
     def _nonfinite(self, name: str) -> None:
-        raise NonFiniteError(f"tensor {name!r} holds NaN or Inf at step {self.step}; nothing was saved")
+        raise NonFiniteError(nonfinite_message(name, self.step))
+
+
+def nonfinite_message(name: str, step: int) -> str:
+    return f"tensor {name!r} holds NaN or Inf at step {step}; nothing was saved"
+
+
+def check_state_finite(state, step: int) -> None:
+    """NonFiniteError naming the first float tensor of a CPU state that holds NaN/Inf (what a
+    worker checks before handing a state to its checkpoint actor; CUDA tensors are left to the
+    actor's capture, as a check here would wait for the GPU)."""
+    for n, t in state.tensors.items():
+        if t.is_floating_point() and not t.is_cuda and t.numel():
+            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(nonfinite_message(n, step))
 
 
 def capture(step: int, state, rules, pool: BufferPool, device: torch.device | None, *, slices=None, tags=None,
@@ -80,17 +108,15 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
     """A :class:`Capture` of ``state`` at ``step`` under the Checkpointer's ``rules``; ``device``
     is where the encoder runs (None: the CPU)."""
     tensors = state.tensors
-    layout, groups, exact_names = rules.layout(tensors, state.buffers)
     c = Capture()
-    c.step, c.groups, c.layout, c.meta = step, groups, layout, state.meta
-    c.layout_bytes = json_bytes(layout)
-    c.layout_hash = hashlib.sha256(c.layout_bytes).hexdigest()
+    c.layout, c.groups, exact_names, c.layout_bytes, c.layout_hash = pool.layout(rules, state)
+    c.step, c.meta = step, state.meta
     c.slices, c.tags = list(slices or []), list(tags or [])
     c.want_exact = bool(tags) if snapshot is None else bool(snapshot)
     c.time = round(time.time(), 3)
     c.pool, c.flats, c.exact, c.ready = pool, {}, {}, None
     cuda = False
-    for g, names in groups.items():
+    for g, names in c.groups.items():
         parts = [tensors[n].detach().reshape(-1) for n in names]
         src = parts[0].device
         cuda |= src.type == "cuda"
@@ -120,4 +146,4 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
     return c
 
 
-__all__ = ["BufferPool", "Capture", "capture"]
+__all__ = ["BufferPool", "Capture", "capture", "check_state_finite"]

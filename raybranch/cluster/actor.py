@@ -9,22 +9,23 @@
 Data flow of one save::
 
     training worker                                CheckpointActor (one per run/branch)
-      main thread: state → one byte buffer (copy)    Checkpointer.save: δ vs ũ, quantize, zstd,
-      sender thread: ray.put ──ObjectRef──▶          blob, commit; every segment_size commits a
-        (saves queued meanwhile go in one call)      page seal + compaction; retried with
-      ≤ max_pending saves in flight                  backoff on StoreError / OSError
+      main thread: collect → one byte buffer (copy)  Checkpointer.save_state: the pipeline of a
+      sender thread: ray.put ──ObjectRef──▶          plain Checkpointer (capture, then encode and
+        (saves queued meanwhile go in one call)      group commit on its thread; store errors
+      ≤ max_pending saves in flight                  retried with backoff)
 
-Only numpy byte buffers and JSON cross the process boundary (:mod:`.handoff`): no torch object
-is pickled. The actor reads every tensor as a zero-copy view of the buffer in the object store
+Only numpy byte buffers and JSON cross the process boundary (:mod:`.handoff`, the transport;
+:func:`~raybranch.checkpoint.training_state.to_buffer`): no torch object is pickled. The actor reads every tensor as a zero-copy view of the buffer in the object store
 (read-only; the Checkpointer copies what it keeps). Saves of one branch are ordered: the actor
 runs one call at a time, Ray runs the calls of one submitter in submission order, and a call's
 saves run in order. What the actor does with a save — writer registration and fencing, retries
 with the Checkpointer rebuilt from the store — is in :mod:`.service`.
 
 Backpressure: at most ``max_pending`` saves are in flight per client; the next ``save`` waits for
-the oldest to finish, so a slow store slows training down instead of growing memory. The save
-that completes a page also seals it and compacts its blobs (it reads and rewrites them): the
-queue absorbs that longer save, training waits for it only when the queue is full.
+the oldest to finish, so a slow store slows training down instead of growing memory. The actor's
+Checkpointer group-commits (``flush_every``, ``flush_seconds``, as in a user's own loop): a save
+is "finished" for the client once the actor has captured it; ``flush``/``close`` wait for the
+commit.
 
 Errors: a save that fails for good (NaN/Inf, retries used up, a bad step, fenced by a newer
 writer) is never swallowed. The actor refuses the saves queued after it (so a branch never
@@ -33,12 +34,11 @@ next ``save``/``flush``/``close``. After that the branch accepts saves again (e.
 back to the last good checkpoint) — except after a FencedError: another writer owns the branch.
 
 Not here yet: a GPU worker quantizing on its own device and sending symbols instead of weights
-(the actor encodes on its CPU; a CUDA state is copied to pinned memory asynchronously).
+(the actor encodes on its CPU; a CUDA state is copied to pinned memory asynchronously). The
+plain Checkpointer with ``device="cuda"`` encodes on the GPU, behind the training thread.
 """
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections import deque
 from typing import Callable
@@ -52,7 +52,9 @@ from ..errors import RaybranchError
 from ..ledger.lineage import Lineage
 from ..ledger.records import check_name
 from ..store.store import Store, open_store
-from .handoff import pack_state, unpack_state
+from ..checkpoint.capture import check_state_finite
+from ..checkpoint.training_state import TrainingState, collect, to_buffer
+from .handoff import Sender, Ticket
 from .service import (
     CheckpointActor,
     CheckpointActorError,
@@ -75,23 +77,10 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
-class _Ticket:
-    """One save on its way: packed on the training thread, sent by the sender thread."""
-
-    __slots__ = ("step", "sent", "ref", "index", "error")
-
-    def __init__(self, step: int):
-        self.step = step
-        self.sent = threading.Event()
-        self.ref = None  # the ObjectRef of the actor call that carries it, once sent
-        self.index = 0  # its place in that call's batch
-        self.error: BaseException | None = None  # ray.put / submission failed
-
-
 class AsyncCheckpointer:
     """Checkpointer.save without the wait: hand the state to the branch's CheckpointActor.
 
-    ``save`` copies the state into one CPU buffer (:func:`pack_state`, ~50 µs for LeNet-5) and
+    ``save`` copies the state into one CPU buffer (:func:`~raybranch.checkpoint.training_state.to_buffer`) and
     returns; a sender thread puts the buffer in the object store and calls the actor, so neither
     the ``ray.put`` nor the call is on the training path. At most ``max_pending`` saves are in
     flight (packed, sent or being written); the next ``save`` waits for the oldest. ``batch`` > 1
@@ -100,8 +89,9 @@ class AsyncCheckpointer:
     later); saves that queue up while the sender is busy are merged into one call anyway.
 
     ``store`` is a URI (the actor opens it; nothing holding credentials is sent). Keyword
-    arguments not named below go to :class:`~raybranch.Checkpointer` (codec, residual, bits, granularity,
-    snapshot_every, segment_size, exact, min_lossy_numel, optimizer_codec, save_rng).
+    arguments not named below go to the actor's :class:`~raybranch.Checkpointer` (codec, residual,
+    key_every, flush_every, flush_seconds, segment_size, exact, min_lossy_numel, optimizer_codec,
+    save_rng, …).
     ``actor_options`` are passed to ``CheckpointActor.options`` (default: 0 CPUs reserved, on
     this node when possible, so the object-store hand-over stays zero-copy). ``records`` keeps
     the last ``keep_records`` completed saves ({id, step, start, end}; monotonic clock).
@@ -118,8 +108,8 @@ class AsyncCheckpointer:
             raise RaybranchError(f"batch must be an integer from 1 to max_pending ({max_pending}), got {batch!r}")
         if "device" in checkpointer_kwargs:
             raise RaybranchError("device is not an AsyncCheckpointer option: the actor encodes on its own device")
-        if checkpointer_kwargs.get("flush_every", 1) != 1:
-            raise RaybranchError("flush_every is not an AsyncCheckpointer option: the actor commits every save")
+        if "background" in checkpointer_kwargs or "retry" in checkpointer_kwargs:
+            raise RaybranchError("background and retry are the actor's own: pass retry=RetryPolicy(...) to AsyncCheckpointer")
         if not ray.is_initialized():
             raise RaybranchError("AsyncCheckpointer needs Ray: call ray.init() or run inside a Ray worker")
         self.uri, self.run, self.branch = store, check_name("run", run), check_name("branch", branch)
@@ -127,11 +117,9 @@ class AsyncCheckpointer:
         self.store_factory = store_factory
         self._save_rng = checkpointer_kwargs.get("save_rng")
         self.actor = self._attach(store, checkpointer_kwargs, retry, actor_options)
-        self._pending: deque[_Ticket] = deque()
+        self._pending: deque[Ticket] = deque()
         self._unsent: list = []  # packed saves waiting for their batch to fill
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # batches for the sender thread
-        self._free: deque[torch.Tensor] = deque(maxlen=max_pending)  # packing buffers the sender is done with
-        self._sender: threading.Thread | None = None
+        self._sender = Sender(self.actor, f"raybranch-send-{self.branch}", max_pending)
         self.records: deque = deque(maxlen=keep_records)  # the latest completed saves: id, step, start, end
         self.stats = {"saves": 0, "blocked": 0, "blocked_s": 0.0, "handoff_s": 0.0}
         self._store: Store | None = None
@@ -169,25 +157,31 @@ class AsyncCheckpointer:
 
     # -- saving ---------------------------------------------------------------------------------
     def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None, snapshot: bool | None = None) -> str:
-        """Queue a checkpoint of ``model`` at ``step``; returns the id it will have.
+        """Queue a checkpoint of ``model`` at ``step``; returns the id it will have (collect + :meth:`save_state`)."""
+        return self.save_state(step, collect(model, optimizer, extra, rng=self._save_rng), slices=slices, tags=tags,
+                               snapshot=snapshot)
 
-        Raises the error of an earlier save that failed (nothing of this step is queued then).
-        Blocks while ``max_pending`` saves are in flight.
+    def save_state(self, step: int, state: TrainingState, *, slices=None, tags=None, snapshot: bool | None = None) -> str:
+        """Queue a checkpoint of ``state`` at ``step``.
+
+        Raises, queuing nothing of this step: NonFiniteError when a CPU tensor holds NaN/Inf; the
+        error of an earlier save that failed in the actor. Blocks while ``max_pending`` saves are
+        in flight.
         """
         if self._closed:
             raise RaybranchError(f"AsyncCheckpointer of {self.run}/{self.branch} is closed")
         step = int(step)
         self._collect(keep=self.max_pending - 1)
         t0 = time.perf_counter()
-        rng = self._save_rng if self._save_rng is not None else optimizer is not None
-        buf, meta = pack_state(model, optimizer, extra, rng, alloc=self._alloc)
+        check_state_finite(state, step)  # the plain Checkpointer's error, at this step's save
+        buf, doc = to_buffer(state, alloc=self._sender.alloc)
         copied = None
         if buf.is_pinned():  # asynchronous copies from the GPU: the sender waits for them, not us
             copied = torch.cuda.Event()
             copied.record()
-        ticket = _Ticket(step)
+        ticket = Ticket(step)
         self._pending.append(ticket)
-        self._unsent.append((ticket, buf, copied, meta, list(slices or []), list(tags or []), snapshot))
+        self._unsent.append((ticket, buf, copied, doc, list(slices or []), list(tags or []), snapshot))
         if len(self._unsent) >= self.batch:
             self._release()
         self.stats["handoff_s"] += time.perf_counter() - t0
@@ -196,59 +190,9 @@ class AsyncCheckpointer:
 
     def _release(self) -> None:
         """Hand the saves packed so far to the sender thread, as one batch."""
-        if not self._unsent:
-            return
-        if self._sender is None:
-            self._sender = threading.Thread(target=self._send_loop, name=f"raybranch-send-{self.branch}", daemon=True)
-            self._sender.start()
-        self._outbox.put(self._unsent)
-        self._unsent = []
-
-    def _send_loop(self) -> None:
-        """Send what the training thread packed: every save queued by now in one ``ray.put`` and
-        one actor call, so Ray's fixed cost per call is shared when the sender falls behind."""
-        while True:
-            batches = [self._outbox.get()]
-            while batches[-1] is not None:
-                try:
-                    batches.append(self._outbox.get_nowait())
-                except queue.Empty:
-                    break
-            stop = batches[-1] is None
-            batch = [item for b in batches if b is not None for item in b]
-            if batch:
-                self._send(batch)
-            if stop:
-                return
-
-    def _send(self, batch: list) -> None:
-        tickets = [item[0] for item in batch]
-        try:
-            for _, _, copied, *_ in batch:
-                if copied is not None:
-                    copied.synchronize()
-            ref = ray.put([item[1].numpy() for item in batch])  # one copy into the object store
-            self._free.extend(item[1] for item in batch)
-            call = self.actor.save_many.remote(ref, [(t.step, *item[3:]) for t, item in zip(tickets, batch)])
-            for i, t in enumerate(tickets):
-                t.ref, t.index = call, i
-        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-            for t in tickets:
-                t.error = exc
-        finally:
-            del batch
-            for t in tickets:
-                t.sent.set()
-
-    def _alloc(self, n: int, pinned: bool) -> torch.Tensor:
-        """A free packing buffer of ``n`` bytes (reused: no fresh pages to fault in or pin every step)."""
-        try:
-            buf = self._free.pop()
-        except IndexError:
-            buf = None
-        if buf is None or buf.numel() != n or buf.is_pinned() != pinned:
-            buf = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
-        return buf
+        if self._unsent:
+            self._sender.post(self._unsent)
+            self._unsent = []
 
     @property
     def pending(self) -> int:
@@ -256,18 +200,19 @@ class AsyncCheckpointer:
         return len(self._pending)
 
     def flush(self) -> None:
-        """Wait for every pending save; raise the first error."""
+        """Wait until every save is committed; raise the first error (after close: nothing to wait for)."""
+        if self._closed:
+            return
         self._collect(keep=0)
+        self._get(self.actor.flush.remote())
 
     def close(self, terminate: bool = True) -> None:
         """flush (every save is then committed) and (``terminate``) let the actor exit."""
         if self._closed:
             return
-        self.flush()
+        self._collect(keep=0)
         self._closed = True
-        if self._sender is not None:
-            self._outbox.put(None)
-            self._sender.join()
+        self._sender.stop()
         self._get(self.actor.close.remote())
         if terminate:
             self._terminate()
@@ -307,7 +252,7 @@ class AsyncCheckpointer:
             self.stats["blocked_s"] += time.perf_counter() - t0
             self._finish(self._pending.popleft())
 
-    def _finish(self, ticket: _Ticket) -> None:
+    def _finish(self, ticket: Ticket) -> None:
         try:
             if ticket.error is not None:
                 raise ticket.error
@@ -391,6 +336,4 @@ __all__ = [
     "RetryPolicy",
     "SaveSkippedError",
     "actor_name",
-    "pack_state",
-    "unpack_state",
 ]

@@ -1,116 +1,104 @@
-"""What crosses the process boundary from a training worker to its checkpoint actor: one byte
-buffer and a JSON string. No torch object is pickled; the actor reads every tensor back as a
-zero-copy view of the buffer (:func:`unpack_state`), and hands the Checkpointer thin stand-ins
-for a module and an optimizer (:class:`ModuleState`, :class:`OptimizerState`)."""
+"""The transport between a training worker and its checkpoint actor.
+
+What crosses is one byte buffer per save and a JSON string
+(:func:`raybranch.checkpoint.training_state.to_buffer`): no torch object is pickled, and the
+actor reads every tensor back as a zero-copy view of the buffer in the object store.
+
+    training thread: collect + copy into a reused buffer ─▶ outbox
+    sender thread:   every batch queued by now → one ray.put + one actor call (save_many)
+
+The training thread pays for the copy; ``ray.put`` and the call run on the sender thread, and the
+saves that queue up while it is busy go out together in one call, so Ray's fixed cost per call
+is shared when saves come fast.
+"""
 from __future__ import annotations
 
-import json
-import warnings
-from typing import Callable
+import queue
+import threading
+from collections import deque
 
-import numpy as np
+import ray
 import torch
 
-from ..checkpoint import state as st
 
-_READ_ONLY_WARNING = "The given NumPy array is not writable"
+class Ticket:
+    """One save on its way: packed on the training thread, sent by the sender thread."""
 
-_ALIGN = 64  # every tensor starts on a 64-byte boundary of the buffer
+    __slots__ = ("step", "sent", "ref", "index", "error")
 
-
-def pack_state(model, optimizer=None, extra: dict | None = None, rng: bool = False,
-               alloc: Callable[[int, bool], torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
-    """(buffer, meta JSON) of a training state, ready for ``ray.put``.
-
-    The buffer is one contiguous uint8 array holding a copy of every tensor (model, optimizer
-    state, RNG states, tensors in ``extra``), each at a 64-byte-aligned offset; a GPU tensor is
-    copied straight into it. ``meta`` lists [group, name, dtype, shape, offset] per tensor
-    (group ∈ model, optim, rng, extra) and holds the JSON parts (optimizer hyper-parameters, RNG
-    scalars, non-tensor extras). One array is the cheapest thing to put in the object store, and
-    the reader gets every tensor back as a zero-copy view (:func:`unpack_state`). ``alloc(n, pinned)``
-    supplies the uint8 buffer (to reuse buffers); the buffer is returned as a tensor
-    (``.numpy()`` is a view of it).
-
-    With CUDA tensors the buffer is pinned and the copies are asynchronous on the current stream:
-    the caller must wait for them (a CUDA event recorded after this call) before reading the
-    buffer. Kernels queued later on that stream (the next optimizer step) run after the copies,
-    so the snapshot is the state at this call.
-    """
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": st.model_tensors(model)}
-    meta: dict = {}
-    if isinstance(model, torch.nn.Module):  # the Checkpointer groups a module's buffers apart
-        meta["buffers"] = [n for n, _ in model.named_buffers()]
-    if optimizer is not None:
-        groups["optim"], meta["optimizer"] = st.optimizer_tensors(optimizer)
-    if rng:
-        groups["rng"], meta["rng"] = st.rng_tensors()
-    if extra:
-        groups["extra"], meta["extra"] = st.extra_tensors(extra)
-    layout, total = [], 0
-    for g, ts in groups.items():
-        for k, t in ts.items():
-            layout.append([g, k, st.dtype_name(t.dtype), list(t.shape), total])
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    cuda = any(t.is_cuda for ts in groups.values() for t in ts.values())
-    buf = alloc(total, cuda) if alloc is not None else torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
-    for (g, k, _, _, off) in layout:
-        t = groups[g][k]
-        if t.numel():
-            buf[off : off + t.numel() * t.element_size()].view(t.dtype).copy_(t.detach().reshape(-1), non_blocking=cuda)
-    meta["tensors"] = layout
-    return buf, json.dumps(meta)
+    def __init__(self, step: int):
+        self.step = step
+        self.sent = threading.Event()
+        self.ref = None  # the ObjectRef of the actor call that carries it, once sent
+        self.index = 0  # its place in that call's batch
+        self.error: BaseException | None = None  # ray.put / submission failed
 
 
-def unpack_state(buf: np.ndarray, meta: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """{group: {name: tensor}} as views of ``buf`` (which may be a read-only object-store view)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING)
-        whole = torch.from_numpy(buf)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for g, k, dtype, shape, off in meta["tensors"]:
-        dt = st.dtype_from_name(dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
-        out.setdefault(g, {})[k] = whole[off : off + n].view(dt).reshape(shape)
-    return out
+class Sender:
+    """Sends batches of packed saves to ``actor.save_many`` on its own thread; reuses buffers."""
+
+    def __init__(self, actor, name: str, max_buffers: int):
+        self.actor, self.name = actor, name
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._free: deque[torch.Tensor] = deque(maxlen=max_buffers)  # buffers the sender is done with
+        self._thread: threading.Thread | None = None
+
+    def alloc(self, n: int, pinned: bool) -> torch.Tensor:
+        """A free packing buffer of ``n`` bytes (reused: no fresh pages to fault in or pin every step)."""
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = None
+        if buf is None or buf.numel() != n or buf.is_pinned() != pinned:
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+        return buf
+
+    def post(self, batch: list) -> None:
+        """Queue a batch of (ticket, buffer, cuda event | None, doc, slices, tags, snapshot)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._outbox.put(batch)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._outbox.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            batches = [self._outbox.get()]
+            while batches[-1] is not None:
+                try:
+                    batches.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batches[-1] is None
+            batch = [item for b in batches if b is not None for item in b]
+            if batch:
+                self._send(batch)
+            if stop:
+                return
+
+    def _send(self, batch: list) -> None:
+        tickets = [item[0] for item in batch]
+        try:
+            for _, _, copied, *_ in batch:
+                if copied is not None:
+                    copied.synchronize()
+            ref = ray.put([item[1].numpy() for item in batch])  # one copy into the object store
+            self._free.extend(item[1] for item in batch)
+            call = self.actor.save_many.remote(ref, [(t.step, *item[3:]) for t, item in zip(tickets, batch)])
+            for i, t in enumerate(tickets):
+                t.ref, t.index = call, i
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            for t in tickets:
+                t.error = exc
+        finally:
+            del batch
+            for t in tickets:
+                t.sent.set()
 
 
-class ModuleState(torch.nn.Module):
-    """A module as far as Checkpointer.save reads one: its state_dict and its buffers' names."""
-
-    def __init__(self, sd: dict[str, torch.Tensor], buffers: list[str]):
-        super().__init__()
-        self._rb_sd, self._rb_buffers = sd, buffers
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return self._rb_sd
-
-    def named_buffers(self, *args, **kwargs):
-        return ((n, self._rb_sd.get(n)) for n in self._rb_buffers)
-
-
-class OptimizerState:
-    """What Checkpointer.save needs of an optimizer: its state_dict."""
-
-    def __init__(self, sd: dict):
-        self._sd = sd
-
-    def state_dict(self) -> dict:
-        return self._sd
-
-
-def save_arguments(buf: np.ndarray, meta_json: str) -> tuple:
-    """(model, optimizer, extra, rng) for ``Checkpointer.save`` from a :func:`pack_state` buffer:
-    the model as a :class:`ModuleState` when a module was packed (its buffers keep their own
-    lossy group), else a state_dict; ``rng`` is ``(tensors, meta)`` or None."""
-    meta = json.loads(meta_json)
-    tensors = unpack_state(buf, meta)
-    model = tensors["model"] if "buffers" not in meta else ModuleState(tensors["model"], meta["buffers"])
-    optimizer = None
-    if "optim" in tensors:
-        optimizer = OptimizerState(st.optimizer_state_dict(tensors["optim"], meta["optimizer"]))
-    extra = st.extra_from(tensors.get("extra", {}), meta["extra"]) if "extra" in meta else None
-    rng = (tensors["rng"], meta["rng"]) if "rng" in tensors else None
-    return model, optimizer, extra, rng
-
-
-__all__ = ["ModuleState", "OptimizerState", "pack_state", "save_arguments", "unpack_state"]
+__all__ = ["Sender", "Ticket"]

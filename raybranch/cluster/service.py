@@ -1,10 +1,10 @@
 """The checkpoint actor's side: one branch's Checkpointer behind a Ray actor.
 
-The actor runs one call at a time (``max_concurrency=1``), so the saves of a branch commit in
-the order they were sent. Each save is one commit of the branch's log, durable when
-``Checkpointer.save`` returns; every ``segment_size`` commits the same save seals them into a
-page and compacts their blobs (:mod:`raybranch.ledger.pages`) — off the training path, since the
-client only waits once ``max_pending`` saves are queued.
+The actor runs one call at a time (``max_concurrency=1``), so the saves of a branch are captured
+in the order they were sent. It holds a plain :class:`~raybranch.Checkpointer` and calls
+``save_state`` with the state the worker collected (its RNG states included: the actor never
+touches its own generators); that Checkpointer's pipeline encodes and group-commits behind the
+call, exactly as in a user's own loop, so a call returns once its saves are captured.
 
 Writer. The actor's Checkpointer registers as the branch's writer when it is built
 (``acquire``: a fence commit with a new epoch), so any older writer of the branch — a previous
@@ -13,15 +13,12 @@ actor, a worker that was presumed dead — is refused from then on
 branch over, this actor's next save fails with FencedError; the actor then refuses every later
 save with it (it never re-registers on its own, which would take the branch back).
 
-Retries. A save that fails with a store error (:class:`~raybranch.errors.StoreError`, OSError)
-is retried as a whole, up to ``RetryPolicy.attempts`` times, sleeping min(cap, base·2^(k−1))
-after the k-th failure. Before each retry the Checkpointer is dropped and a new one built from
-the store, so its memory (head, reconstruction ũ) is exactly what the store holds: the blob is
-content-addressed and the commit created last, so either the failed attempt committed the step
-(the retry finds it at the head and stops) or it did not (the retry encodes the same state
-against the same ũ and writes the same blob). The new Checkpointer fences the old one, which
-is never called again (each retry costs one fence commit). A page seal cut short by a store
-error does not fail the save — the commit stands — and a later commit finishes it.
+Retries. Store errors during a group commit are retried inside the Checkpointer
+(:class:`~raybranch.checkpoint.group.RetryPolicy`: ``attempts`` tries, sleeping
+min(cap, base·2^(k−1)) after the k-th failure; the blob is content-addressed and a commit record
+an earlier attempt created is recognised as the writer's own). A group whose retries are used up
+is lost: the next save fails with the error naming its steps, the actor refuses the saves after
+it until the client has raised it, and the Checkpointer then continues from the last commit.
 """
 from __future__ import annotations
 
@@ -33,14 +30,14 @@ import numpy as np
 import ray
 import torch
 
-from ..checkpoint import state as st
 from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.group import RetryPolicy
+from ..checkpoint.training_state import from_buffer
 from ..errors import FencedError, RaybranchError, StoreError
 from ..ledger.records import check_name
 from ..store.store import Store, open_store
-from .handoff import save_arguments
 
-TIMINGS = ("encode_s", "write_s", "compact_s")
+TIMINGS = ("capture_s", "encode_s", "encode_cpu_s", "write_s", "compact_s", "retries")
 
 
 class SaveSkippedError(RaybranchError):
@@ -49,23 +46,6 @@ class SaveSkippedError(RaybranchError):
 
 class CheckpointActorError(RaybranchError):
     """The checkpoint actor died or could not be reached."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of a failed save: ``attempts`` tries in all; after the k-th failure sleep
-    min(cap_s, base_s · 2^(k−1)) seconds."""
-
-    attempts: int = 8
-    base_s: float = 0.2
-    cap_s: float = 5.0
-
-    def __post_init__(self):
-        if self.attempts < 1 or self.base_s < 0 or self.cap_s < 0:
-            raise RaybranchError(f"retry policy needs attempts >= 1 and delays >= 0, got {self}")
-
-    def delay(self, failures: int) -> float:
-        return min(self.cap_s, self.base_s * 2.0 ** (failures - 1))
 
 
 def actor_name(run: str, branch: str) -> str:
@@ -87,9 +67,6 @@ class CheckpointService:
         if threads:
             torch.set_num_threads(threads)
         kwargs = dict(checkpointer_kwargs or {})
-        if kwargs.get("flush_every", 1) != 1:
-            raise RaybranchError("flush_every is not a checkpoint actor option: the actor commits every save, "
-                                 "so that a retried save finds what the failed attempt committed")
         self.config = {"store": store_uri, "run": run, "branch": branch, "checkpointer": dict(kwargs)}
         self.retry = retry or RetryPolicy()
         self._kwargs = kwargs
@@ -100,7 +77,7 @@ class CheckpointService:
         self.stats = {"saves": 0, "retries": 0, "found_committed": 0, "failed": 0, "skipped": 0, "writers": 0, "busy_s": 0.0}
         self._timings = dict.fromkeys(TIMINGS, 0.0)  # of the Checkpointers dropped so far
         self._cpu0 = time.process_time()  # cpu_s in get_stats: CPU time of the actor since it started
-        Checkpointer(self.store, run, branch, **kwargs)  # bad settings fail here, at creation (no I/O)
+        Checkpointer(self.store, run, branch, retry=self.retry, **kwargs)  # bad settings fail here, at creation (no I/O)
 
     def get_config(self) -> dict:
         return self.config
@@ -112,7 +89,7 @@ class CheckpointService:
         if self._ckpt is not None:
             for k in TIMINGS:
                 timings[k] += self._ckpt.timings.get(k, 0.0)
-        return dict(self.stats, cpu_s=time.process_time() - self._cpu0, timings=timings,
+        return dict(self.stats, retries=self.stats["retries"] + int(timings["retries"]), cpu_s=time.process_time() - self._cpu0, timings=timings,
                     epoch=None if self._ckpt is None else self._ckpt.epoch, fenced=self._fenced)
 
     def _checkpointer(self) -> Checkpointer:
@@ -121,7 +98,7 @@ class CheckpointService:
             raise FencedError(self._fenced)
         if self._ckpt is None:
             c = self.config
-            ck = Checkpointer(self.store, c["run"], c["branch"], **self._kwargs)
+            ck = Checkpointer(self.store, c["run"], c["branch"], retry=self.retry, **self._kwargs)
             ck.acquire()  # loads head and reconstruction; fences every older writer, this actor's own included
             self.stats["writers"] += 1
             self._ckpt = ck
@@ -132,6 +109,10 @@ class CheckpointService:
         if self._ckpt is not None:
             for k in TIMINGS:
                 self._timings[k] += self._ckpt.timings.get(k, 0.0)
+            try:  # stops its pipeline thread; what it still held is lost with the failure being reported
+                self._ckpt.close()
+            except Exception:  # noqa: BLE001
+                pass
         self._ckpt = None
 
     def _retrying(self, what: str, fn: Callable[[int], object]):
@@ -153,37 +134,41 @@ class CheckpointService:
     def _id(self, step: int) -> str:
         return f"{self.config['run']}/{self.config['branch']}/{int(step)}"
 
-    def save(self, step: int, buf: np.ndarray, meta_json: str, slices=None, tags=None, snapshot: bool | None = None) -> dict:
-        """Commit one checkpoint from a buffer made by :func:`~raybranch.cluster.handoff.pack_state`;
-        returns its record {id, step, start, end} (monotonic clock of the actor's node)."""
+    def save(self, step: int, buf: np.ndarray, doc_json: str, slices=None, tags=None, snapshot: bool | None = None) -> dict:
+        """Capture one checkpoint from a :func:`~raybranch.checkpoint.training_state.to_buffer`
+        buffer into the Checkpointer's pipeline; returns its record {id, step, start, end}
+        (monotonic clock of the actor's node). Raises the pipeline's failures as they surface."""
         t0 = time.monotonic()
         step = int(step)
         if self._failure is not None:
             self.stats["skipped"] += 1
             raise SaveSkippedError(f"save of step {step} skipped: the save of step {self._failure[0]} failed: {self._failure[1]}")
         try:
-            model, optimizer, extra, rng = save_arguments(buf, meta_json)
-
-            def attempt(n: int) -> str:
-                ck = self._checkpointer()
-                head = ck.head()
-                if n > 1 and head is not None and head["step"] == step:
-                    self.stats["found_committed"] += 1
-                    return self._id(step)  # an earlier attempt committed it before failing
-                if rng is not None:  # the worker's generators, where the Checkpointer reads them
-                    st.set_rng({k: v.clone() for k, v in rng[0].items()}, rng[1])
-                ck.save(step, model, optimizer, extra, slices=slices, tags=tags, snapshot=snapshot)
-                return self._id(step)
-
-            cid = self._retrying(f"save of step {step}", attempt)
+            ck = self._retrying("registering the writer", lambda n: self._checkpointer())
+            ck.save_state(step, from_buffer(buf, doc_json), slices=slices, tags=tags, snapshot=snapshot)
         except Exception as exc:
             self._failure = (step, f"{type(exc).__name__}: {exc}")
-            self.stats["failed"] += 1
+            self._count_failure(exc)
             raise
         finally:
             self.stats["busy_s"] += time.monotonic() - t0
         self.stats["saves"] += 1
-        return {"id": cid, "step": step, "start": t0, "end": time.monotonic()}
+        return {"id": self._id(step), "step": step, "start": t0, "end": time.monotonic()}
+
+    def _count_failure(self, exc: Exception) -> None:
+        self.stats["failed"] += 1
+        if isinstance(exc, FencedError):
+            self._fenced = self._fenced or " ".join(str(exc).split())
+            self._drop()
+
+    def flush(self) -> None:
+        """Commit every step captured so far; raise a failure of the pipeline."""
+        if self._ckpt is not None:
+            try:
+                self._ckpt.flush()
+            except Exception as exc:  # raised to the client right here: later saves are not refused
+                self._count_failure(exc)
+                raise
 
     def save_many(self, bufs: list[np.ndarray], items: list[tuple]) -> list[tuple[str, object]]:
         """Several saves in one call (one object-store read, one Ray call): items are
@@ -202,8 +187,9 @@ class CheckpointService:
         self._failure = None
 
     def close(self) -> None:
-        """End of the branch's saves: every save is already committed, pages sealed as they filled."""
+        """End of the branch's saves: commit the open group and stop the pipeline's thread."""
         if self._ckpt is not None:
+            self.flush()
             self._ckpt.close()
 
     def head(self) -> dict | None:

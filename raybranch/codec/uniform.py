@@ -48,6 +48,8 @@ from .sparse import MAX_MAGNITUDE, decode_parts, encode_sparse
 from .streams import FAST_LEVEL
 
 _GRID = 2.0 ** (1 / 16)  # κ takes the values 2^(j/16): found to within 4.4 %
+SUBSAMPLE_MIN = 1 << 20  # groups this large (where a pass is memory-bound, not per-op overhead) search κ on every SUBSAMPLE_STRIDE-th entry first
+SUBSAMPLE_STRIDE = 8
 
 
 def _grid_index(kappa: float) -> int:
@@ -86,6 +88,9 @@ class UniformEncoder:
         self._offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self._seg = torch.repeat_interleave(torch.arange(len(self.sizes)), sizes_t).to(self.device)
         self._count = sizes_t.clamp_min(1).to(self.device, torch.float32)
+        ends = np.cumsum(self.sizes)
+        k = SUBSAMPLE_STRIDE  # entries i ≡ 0 (mod k) of each tensor [o, o + n): ⌈(o + n)/k⌉ − ⌈o/k⌉
+        self._sub_counts = -(-ends // k) - -(-self._offsets // k)
         self.recon: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # u_{t−1}
         self._captured: torch.Tensor | None = None  # u_t of the last encode, until advance()
@@ -139,11 +144,12 @@ class UniformEncoder:
         out = torch.zeros(len(self.sizes), dtype=x.dtype, device=x.device)
         return out.scatter_reduce_(0, self._seg, x, reduce, include_self=True)
 
-    def _spread(self, steps: torch.Tensor) -> torch.Tensor:
-        """[S] per-tensor values → [N], each entry its tensor's."""
+    def _spread(self, steps: torch.Tensor, sub: bool = False) -> torch.Tensor:
+        """[S] per-tensor values → [N], each entry its tensor's (``sub``: of every
+        :data:`SUBSAMPLE_STRIDE`-th entry only)."""
         if self._np_segments:
-            return torch.from_numpy(np.repeat(steps.numpy(), self.sizes))
-        return steps.index_select(0, self._seg)
+            return torch.from_numpy(np.repeat(steps.numpy(), self._sub_counts if sub else self.sizes))
+        return steps.index_select(0, self._seg[::SUBSAMPLE_STRIDE] if sub else self._seg)
 
     def _per_tensor_rms(self, x: torch.Tensor) -> torch.Tensor:
         return (self._per_tensor(x * x, "sum") / self._count).sqrt()
@@ -172,33 +178,31 @@ class UniformEncoder:
         amax = self._per_tensor(delta.abs(), "amax")
         live = amax > 0
         j_min = _grid_index(float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE)  # below it every tensor's largest entry clips
-        tried: dict[int, float] = {}
-        qv, e = torch.empty_like(delta), torch.empty_like(delta)  # reused by every trial
 
         def steps_at(j: int) -> torch.Tensor:  # Δ_s = κ·√σ_s in float32, κ = 2^(j/16)
             return torch.tensor(_GRID ** j, dtype=torch.float32, device=scale.device) * scale
 
-        def ok(j: int) -> bool:  # ‖u − (ũ + q⊙Δ)‖ ≤ target at κ_j, on the float32 sum the decoder forms
-            if j not in tried:
-                self._quantize(delta, self._spread(steps_at(j)), out=qv)
-                torch.sub(u, torch.add(self.recon, qv, out=e), out=e)
-                tried[j] = float(torch.dot(e, e)) ** 0.5
-            return tried[j] <= target
+        def residual_test(d: torch.Tensor, uu: torch.Tensor, rec: torch.Tensor, spread, limit: float):
+            tried: dict[int, float] = {}
+            qv, e = torch.empty_like(d), torch.empty_like(d)  # reused by every trial
+
+            def ok(j: int) -> bool:  # ‖u − (ũ + q⊙Δ)‖ ≤ limit at κ_j, on the float32 sum the decoder forms
+                if j not in tried:
+                    self._quantize(d, spread(steps_at(j)), out=qv)
+                    torch.sub(uu, torch.add(rec, qv, out=e), out=e)
+                    tried[j] = float(torch.dot(e, e)) ** 0.5
+                return tried[j] <= limit
+            return ok, tried
 
         j = self._j if self._j is not None else _grid_index(dnorm / math.sqrt(delta.numel()) / float(scale.mean()))
-        if ok(j):  # gallop up to the first κ that misses, then bisect: the largest κ that meets the target
-            lo, step = j, 1
-            while ok(lo + step) and step < 1 << 12:
-                lo, step = lo + step, step * 2
-            hi = lo + step
-        else:
-            hi, step = j, 1
-            while hi - step > j_min and not ok(hi - step):
-                hi, step = hi - step, step * 2
-            lo = max(hi - step, j_min)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        if delta.numel() >= SUBSAMPLE_MIN:  # search on every k-th entry first; the full vector then confirms
+            k = SUBSAMPLE_STRIDE
+            d_sub = delta[::k].contiguous()
+            ok_sub, _ = residual_test(d_sub, u[::k].contiguous(), self.recon[::k].contiguous(),
+                                      lambda st: self._spread(st, sub=True), target * math.sqrt(d_sub.numel() / delta.numel()))
+            j = _search(ok_sub, j, j_min)
+        ok, tried = residual_test(delta, u, self.recon, self._spread, target)
+        lo = _search(ok, j, j_min)
         if not ok(lo):  # the target is out of reach (a clip binds): the closest we got
             lo = min(tried, key=tried.__getitem__)
         self._j = lo
@@ -235,3 +239,22 @@ def apply_uniform(acc: np.ndarray, payloads: list[bytes], steps: list[np.ndarray
     vals *= np.repeat(table.reshape(-1), runs)
     np.negative(vals, out=vals, where=p.neg)
     np.add.at(acc, p.idx, vals)
+
+
+def _search(ok, j: int, j_min: int) -> int:
+    """The largest grid index with ok(j) (ok is monotone: true below some index), starting at
+    ``j``: gallop up to the first index that fails (or down to the first that passes), bisect."""
+    if ok(j):
+        lo, step = j, 1
+        while ok(lo + step) and step < 1 << 12:
+            lo, step = lo + step, step * 2
+        hi = lo + step
+    else:
+        hi, step = j, 1
+        while hi - step > j_min and not ok(hi - step):
+            hi, step = hi - step, step * 2
+        lo = max(hi - step, j_min)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
