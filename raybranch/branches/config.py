@@ -61,7 +61,8 @@ class ExperimentConfig:
     bits: int = 3
     granularity: str = "tensor"
     snapshot_every: int | None = None  # deltas between exact key frames (None: the Checkpointer's default)
-    segment_size: int = 64
+    segment_size: int = 0              # > 0: compact pages of that many commits (0: group commits, written once)
+    flush_every: int = 64              # steps per group commit: what a killed worker may have to train again
     lora_pattern: str = "classifier"
     lora_rank: int = 8
     lora_scale: float = 0.5
@@ -71,7 +72,7 @@ class ExperimentConfig:
     def checkpointer_kwargs(self) -> dict:
         """The Checkpointer settings every branch of the experiment uses."""
         return dict(codec=self.codec, residual=self.residual, bits=self.bits, granularity=self.granularity,
-                    snapshot_every=self.snapshot_every, segment_size=self.segment_size,
+                    snapshot_every=self.snapshot_every, segment_size=self.segment_size, flush_every=self.flush_every,
                     save_rng=False)  # batch order is seeded, not global RNG
 
     def exact_slice_end(self, mech: str, branch: str) -> bool:

@@ -113,7 +113,7 @@ def kill_once(marker: str, branch: str, at_step: int):
 
 @pytest.mark.parametrize("checkpointer", ["sync"])
 def test_killed_worker_resumes_from_the_branch_head(tmp_path, checkpointer):
-    cfg = ExperimentConfig(name=f"k-{checkpointer}", **TINY)
+    cfg = ExperimentConfig(name=f"k-{checkpointer}", **TINY, flush_every=4)  # the kill loses at most 4 steps
     uri = (tmp_path / "store").as_uri()
     marker = str(tmp_path / "killed")
     kill_at = 27  # in slice 2 of main (slices end at steps 19, 38, 57, 76 here: 18 steps + 1 settle)

@@ -26,7 +26,7 @@ def run_large(root: str, steps: int = 3, seed: int = 0) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     uri = "file://" + os.path.join(root, "store")
-    ck = Checkpointer(open_store(uri, check=False), "big", "main")
+    ck = Checkpointer(open_store(uri, check=False), "big", "main", flush_every=1, background=False)  # a commit per step: its size
     sizes = {}
     for t in range(steps + 1):
         if t:

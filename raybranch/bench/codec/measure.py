@@ -46,7 +46,9 @@ def run_setting(traj: Trajectory, root: str, sample: list[int], load_s: dict[int
     shutil.rmtree(root, ignore_errors=True)
     uri = "file://" + root
     store = open_store(uri, check=False)
-    ck = Checkpointer(store, "bench", "main", **ck_kwargs)
+    # inline: the encoder's reconstruction is read right after each save (the pipeline's cost is
+    # what python -m raybranch.bench.step_overhead measures)
+    ck = Checkpointer(store, "bench", "main", background=False, **ck_kwargs)
     residual, per_tensor, recon_at = [], [], {}
     t0 = time.perf_counter()
     for t, sd in enumerate(traj.states):
