@@ -107,7 +107,8 @@ def build(store, n: int, flush_every: int, snapshot_every: int, segment_size: in
     y = x @ torch.randn(16, 16) + 0.1 * torch.randn(4096, 16)
     g = torch.Generator().manual_seed(seed)
     ck = Checkpointer(store, run, "main", flush_every=flush_every, snapshot_every=snapshot_every, standalone_every=1,
-                      segment_size=segment_size)  # every exact checkpoint standalone: restore reads one chain
+                      segment_size=segment_size, flush_seconds=None,  # every exact checkpoint standalone: restore reads one chain
+                      background=False)  # the reconstruction is read after each save
     recons, t0, every = {}, time.perf_counter(), max(n // 10, 1)
     for step in range(n):
         _sgd_step(model, x, y, g)
@@ -202,7 +203,7 @@ def commit_cost(uri: str, flush_every: int, segment_size: int, seed: int) -> dic
     model, x = torch.nn.Linear(16, 16), torch.randn(1024, 16)
     y, g = x @ torch.randn(16, 16), torch.Generator().manual_seed(seed)
     ck = Checkpointer(store, f"cost-{flush_every}-{uuid.uuid4().hex[:6]}", "main", flush_every=flush_every,
-                      segment_size=segment_size)
+                      segment_size=segment_size, flush_seconds=None, background=False)  # requests counted per save
     plain, sealing, step = [], None, 0
     ck.save(step, model)  # the branch, its layout and the first snapshot: not a steady-state commit
     while sealing is None:

@@ -123,7 +123,7 @@ class Checkpointer:
         self.key_every, self.standalone_every, self.restore_budget_s = key_every, standalone_every, restore_budget_s
         self.segment_size = segment_size
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
-        self.retry = retry or RetryPolicy(attempts=3)
+        self.retry = retry or RetryPolicy(attempts=1)  # the store retries within its own deadline (S3: retry_deadline)
         self.rules = LayoutRules(tuple(re.compile(p) for p in exact), min_lossy_numel, optimizer_codec, save_rng)
         self.device = torch.device(device) if device is not None else None
         self._settings = dict(codec=codec, residual=residual, bits=bits, granularity=granularity, value=value,

@@ -104,6 +104,7 @@ class UniformEncoder:
     def reset(self, flat: torch.Tensor) -> None:
         """Start (or restart) the chain at a stored state: ũ = u_{t−1} = ``flat``."""
         self.recon = flat.detach().to(self.device, torch.float32, copy=True)
+        self.recon += 0.0  # −0 → +0, as the decoder's first add does: then ũ + q⊙Δ never makes a −0
         self.prev = self.recon.clone()
 
     def encode(self, flat: torch.Tensor, level: int = FAST_LEVEL) -> tuple[bytes, np.ndarray, torch.Tensor]:
@@ -162,11 +163,11 @@ class UniformEncoder:
 
     @staticmethod
     def _quantize(delta: torch.Tensor, full: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """q ⊙ Δ as float32, q = round(δ_i / Δ_{s(i)}) clipped to ±2^16 with no −0 (so ũ + q⊙Δ is
-        the decoder's sum bit for bit); ``full`` holds Δ_{s(i)} per entry."""
+        """q ⊙ Δ as float32, q = round(δ_i / Δ_{s(i)}) clipped to ±2^16 (ũ + q⊙Δ is the decoder's
+        sum bit for bit); ``full`` holds Δ_{s(i)} per entry."""
         q = torch.div(delta, full, out=out)
         torch.round(q, out=q)  # half to even; the decoder only sees q
-        return q.clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE).add_(0.0).mul_(full)
+        return q.clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE).mul_(full)  # a −0 here adds nothing to ũ (no −0 in it)
 
     def _rate_control(self, u: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, step_norm: float):
         """The largest κ (to 5 %) with ‖u_t − (ũ_{t−1} + q⊙Δ)‖ ≤ ρ·‖u_t − u_{t−1}‖; see the module docstring."""
@@ -179,37 +180,40 @@ class UniformEncoder:
         live = amax > 0
         j_min = _grid_index(float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE)  # below it every tensor's largest entry clips
 
+        scale_np = scale.numpy() if self._np_segments else None
+
         def steps_at(j: int) -> torch.Tensor:  # Δ_s = κ·√σ_s in float32, κ = 2^(j/16)
+            if scale_np is not None:
+                return torch.from_numpy(np.float32(_GRID ** j) * scale_np)  # the same float32 product, no tensor to build
             return torch.tensor(_GRID ** j, dtype=torch.float32, device=scale.device) * scale
 
-        def residual_test(d: torch.Tensor, uu: torch.Tensor, rec: torch.Tensor, spread, limit: float):
+        def residual_test(d: torch.Tensor, uu: torch.Tensor, rec: torch.Tensor, spread):
             tried: dict[int, float] = {}
             qv, e = torch.empty_like(d), torch.empty_like(d)  # reused by every trial
 
-            def ok(j: int) -> bool:  # ‖u − (ũ + q⊙Δ)‖ ≤ limit at κ_j, on the float32 sum the decoder forms
+            def residual(j: int) -> float:  # ‖u − (ũ + q⊙Δ)‖ at κ_j, on the float32 sum the decoder forms
                 if j not in tried:
                     self._quantize(d, spread(steps_at(j)), out=qv)
                     torch.sub(uu, torch.add(rec, qv, out=e), out=e)
                     tried[j] = float(torch.dot(e, e)) ** 0.5
-                return tried[j] <= limit
-            return ok, tried
+                return tried[j]
+            return residual, tried
 
         j = self._j if self._j is not None else _grid_index(dnorm / math.sqrt(delta.numel()) / float(scale.mean()))
         if delta.numel() >= SUBSAMPLE_MIN:  # search on every k-th entry first; the full vector then confirms
             k = SUBSAMPLE_STRIDE
             d_sub = delta[::k].contiguous()
-            ok_sub, _ = residual_test(d_sub, u[::k].contiguous(), self.recon[::k].contiguous(),
-                                      lambda st: self._spread(st, sub=True), target * math.sqrt(d_sub.numel() / delta.numel()))
-            j = _search(ok_sub, j, j_min)
-        ok, tried = residual_test(delta, u, self.recon, self._spread, target)
-        lo = _search(ok, j, j_min)
-        if not ok(lo):  # the target is out of reach (a clip binds): the closest we got
+            r_sub, _ = residual_test(d_sub, u[::k].contiguous(), self.recon[::k].contiguous(), lambda st: self._spread(st, sub=True))
+            j = _search(r_sub, j, j_min, target * math.sqrt(d_sub.numel() / delta.numel()))
+        r_full, tried = residual_test(delta, u, self.recon, self._spread)
+        lo = _search(r_full, j, j_min, target)
+        if r_full(lo) > target:  # the target is out of reach (a clip binds): the closest we got
             lo = min(tried, key=tried.__getitem__)
         self._j = lo
         steps = steps_at(lo)
         full = self._spread(steps)
-        qf = torch.div(delta, full).round_().clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE).add_(0.0)
-        q, qv = qf.to(torch.int32), qf.mul_(full)  # what ok(lo) tried
+        qf = torch.div(delta, full).round_().clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE)
+        q, qv = qf.to(torch.int32), qf.mul_(full)  # what the trial at lo formed
         self.last_residual = tried[lo] / step_norm if step_norm > 0 else None
         return q, steps, qv
 
@@ -241,20 +245,36 @@ def apply_uniform(acc: np.ndarray, payloads: list[bytes], steps: list[np.ndarray
     np.add.at(acc, p.idx, vals)
 
 
-def _search(ok, j: int, j_min: int) -> int:
-    """The largest grid index with ok(j) (ok is monotone: true below some index), starting at
-    ``j``: gallop up to the first index that fails (or down to the first that passes), bisect."""
-    if ok(j):
-        lo, step = j, 1
-        while ok(lo + step) and step < 1 << 12:
-            lo, step = lo + step, step * 2
-        hi = lo + step
-    else:
-        hi, step = j, 1
-        while hi - step > j_min and not ok(hi - step):
-            hi, step = hi - step, step * 2
-        lo = max(hi - step, j_min)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+def _search(residual, j: int, j_min: int, target: float) -> int:
+    """The largest grid index j ≥ j_min with residual(j) ≤ target, for a residual that grows with
+    κ; starts at ``j``. Secant steps on log r: from a trial's r, the next index is where a line
+    through the last two trials (in log₂ r against j/16; slope 1 until there are two) crosses the
+    target, kept strictly inside the bracket known so far, so every trial shrinks it. A smooth
+    r(κ) takes 2–3 trials; below j_min (every tensor's largest entry clips) it returns j_min."""
+    lo = hi = None  # the largest index known to pass, the smallest known to fail
+    slope, last = 1.0, None
+    while True:
+        r = residual(j)
+        if r <= target:
+            lo = j
+        else:
+            hi = j
+        if lo is not None and hi is not None and hi - lo <= 1:
+            return lo
+        if hi is not None and j <= j_min:
+            return j_min
+        if last is not None and last[1] > 0 and r > 0 and last[0] != j and r != last[1]:
+            slope = min(4.0, max(0.125, (math.log2(r) - math.log2(last[1])) * 16 / (j - last[0])))
+        last = (j, r)
+        if r > 0 and target > 0:
+            move = 16 * math.log2(target / r) / slope
+        else:  # nothing left to code (go coarser), or nothing may be left over (go finer, to j_min)
+            move = 64.0 if r == 0 else -64.0
+        guess = j + (math.floor(move) if move > 0 else -math.ceil(-move))
+        if lo is not None and lo - j > 1 << 12:
+            return lo  # r no longer grows with κ (nothing left to code): far enough
+        if lo is not None:
+            guess = max(guess, lo + 1)
+        if hi is not None:
+            guess = min(guess, hi - 1)
+        j = max(guess, j_min) if hi is not None and lo is None else guess

@@ -67,6 +67,7 @@ class Recorder:
         return cid
 
     def record(self, ckpt, step: int, model, optimizer=None) -> None:
+        settle(ckpt)
         encs = ckpt._enc.encoders  # internal: what the encoder holds is the ground truth of restore
         self.recon[step] = {g: e.recon.clone() for g, e in encs.items()}
         self.names[step] = {g: list(e.names) for g, e in encs.items()}
@@ -77,6 +78,13 @@ class Recorder:
         if optimizer is not None:
             osd = optimizer.state_dict()
             self.optim[step] = {pid: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()} for pid, e in osd["state"].items()}
+
+
+def settle(ckpt) -> None:
+    """Wait until the save pipeline has encoded every capture queued so far (without closing the
+    open group: nothing more is committed than would be anyway), so the encoder's state can be read."""
+    if ckpt._pipeline is not None:
+        ckpt._pipeline.wait()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

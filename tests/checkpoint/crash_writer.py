@@ -34,7 +34,9 @@ def states(seed: int, n: int = MAX_STEPS):
 def checkpointer(uri: str, run: str):
     import raybranch as rb
 
+    # one commit per step, made inside save() (flush_every=1, background=False): a printed step is committed
     return rb.Checkpointer(rb.open_store(uri), run=run, branch="main", segment_size=SEGMENT_SIZE,
+                           flush_every=1, background=False,
                            codec="lc")  # compared with an uninterrupted run bit for bit: see ckpt_testkit.MEMORYLESS
 
 

@@ -56,8 +56,9 @@ def test_restore_equals_reconstruction_and_pages_seal(uri):
     segment_size S, (N + 1) // S pages are sealed, their steps compacted into one blob each,
     and the commit records of sealed pages are gone except the newest page's last."""
     store = rb.open_store(uri)
-    ckpt = rb.Checkpointer(store, run="exp1", branch="main", bits=3, segment_size=8)
+    ckpt = rb.Checkpointer(store, run="exp1", branch="main", bits=3, segment_size=8, flush_every=1)
     model, opt, rec = train_and_save(ckpt, 35)
+    ckpt.flush()  # the last commits (and seals) run behind the training thread
     # commits 0..35: pages 0-7, 8-15, 16-23, 24-31 sealed; steps 31..34 (commits 32..35) loose
     assert sealed_pages(store, "exp1") == [(0, 7), (8, 15), (16, 23), (24, 31)]
     assert commit_seqs(store, "exp1") == [31, 32, 33, 34, 35]
@@ -118,8 +119,9 @@ def test_restore_equals_reconstruction_and_pages_seal(uri):
 )
 def test_restore_equals_reconstruction_codec_options(file_uri, kw):
     kw = {"segment_size": 5, **kw}
-    ckpt = rb.Checkpointer(file_uri, run="exp1", **kw)
+    ckpt = rb.Checkpointer(file_uri, run="exp1", flush_every=1, **kw)  # one commit per save
     _, _, rec = train_and_save(ckpt, 12, extra=False)
+    ckpt.flush()
     if kw.get("optimizer_codec") == "lc":
         assert "optim" in ckpt._enc.encoders and "model" in ckpt._enc.encoders
     fresh = Reader(rb.open_store(file_uri), "exp1")
@@ -189,8 +191,9 @@ def test_restore_latest_sees_new_commits(file_uri):
 # -- fork ------------------------------------------------------------------------------------
 def test_fork_shares_history(uri):
     store = rb.open_store(uri)
-    main = rb.Checkpointer(store, run="exp1", branch="main", segment_size=8)
+    main = rb.Checkpointer(store, run="exp1", branch="main", segment_size=8, flush_every=1)
     model, opt, rec = train_and_save(main, 20, extra=False)
+    main.flush()
     assert sealed_pages(store, "exp1") == [(0, 7), (8, 15)]  # step 13 (commit 14) is sealed
 
     blobs_before = blob_names(store)
@@ -221,6 +224,7 @@ def test_fork_shares_history(uri):
     alt2 = main.fork("alt2", step=17)
     parent_17 = state_bytes(main.restore(17))
     train_and_save(main, 3, start=20, model=model, opt=opt, rec=rec, extra=False)
+    main.flush()
     assert sealed_pages(store, "exp1")[-1] == (16, 23) and commit_seq_gone(store, 18)
     fresh = Reader(rb.open_store(uri), "exp1")
     assert state_bytes(fresh.restore("alt2", 17)) == parent_17
@@ -256,8 +260,9 @@ def _flip(path: str, pos: int | None = None) -> None:
 def small_run(file_uri):
     """Commits 0..10: pages 0-3 (steps 0 snapshot, 1, 2) and 4-7 (steps 3..6) sealed and
     compacted into one blob each; steps 7, 8, 9 (commits 8, 9, 10) loose, one blob each."""
-    ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=4)
+    ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=4, flush_every=1)  # one commit per save
     train_and_save(ckpt, 10, extra=False)
+    ckpt.close()
     entries = {e["step"]: e for e in Lineage(ckpt.store, "exp1", "main").all_entries()}
     assert sorted(entries) == list(range(10)) and entries[0]["kind"] == "snapshot"
     assert [p["name"] for p in entries[5]["parts"]] == ["segment"] and [p["name"] for p in entries[8]["parts"]] == ["0"]
@@ -374,6 +379,7 @@ def test_corrupt_layout(small_run):
 def test_unknown_run_branch_step(uri):
     ckpt = rb.Checkpointer(uri, run="exp1")
     train_and_save(ckpt, 3, extra=False)
+    ckpt.flush()  # the saves' commit is a write; what follows must not be
     cases = [
         (lambda: rb.Checkpointer(uri, run="ghost").restore(), "'ghost'"),
         (lambda: Reader(rb.open_store(uri), "ghost").restore("main", 0), "'ghost'"),
@@ -414,6 +420,7 @@ def test_nonfinite_weights_write_nothing(file_uri, when, tensor, bad):
         for s in range(3):
             sgd_step(model, opt, gen)
             rec.save(ckpt, s, model, opt)
+    ckpt.close()  # steps 0..2 committed: the store is settled before the bad save
     if when == "resumed":
         ckpt = rb.Checkpointer(file_uri, run="exp1", segment_size=2)
     root = rb.open_store(file_uri).root
@@ -434,12 +441,14 @@ def test_nonfinite_weights_write_nothing(file_uri, when, tensor, bad):
     with torch.no_grad():
         model.state_dict()[tensor].copy_(good)
     rec.save(ckpt, step, model, opt)
+    ckpt.close()
     assert_matches_record(rb.Checkpointer(file_uri, run="exp1").restore(step), rec, step)
 
 
 def test_step_not_after_head(file_uri):
     ckpt = rb.Checkpointer(file_uri, run="exp1")
     model, opt, _ = train_and_save(ckpt, 6, extra=False)
+    ckpt.flush()  # steps 1..5 committed now, not by the time window while the refused saves run
     root = ckpt.store.root
     files = local_files(root)
     for step in (5, 2, -1):
@@ -483,7 +492,7 @@ def test_bad_store_uri_in_checkpointer():
 def test_restore_reads_stay_within_the_key_frame_budget(file_uri):
     """A restore decodes at most key_every − 1 deltas and standalone_every − 1 key frames, so its
     reads do not grow with the branch's history."""
-    ckpt = rb.Checkpointer(file_uri, run="exp1", key_every=6, standalone_every=3, segment_size=4)
+    ckpt = rb.Checkpointer(file_uri, run="exp1", key_every=6, standalone_every=3, segment_size=4, flush_every=1)
     _, _, rec = train_and_save(ckpt, 120, extra=False)
     ckpt.close()
     lin = Lineage(rb.open_store(file_uri), "exp1", "main")
@@ -508,10 +517,12 @@ def test_restore_budget_sets_the_key_frame_interval(file_uri):
     """restore_budget_s: key frames as often as the measured delta decode time allows."""
     tight = rb.Checkpointer(file_uri, run="tight", restore_budget_s=1e-9)  # below one delta's decode: every save exact
     train_and_save(tight, 8, extra=False)
-    assert tight._enc.key_every == 1 and all(r["kind"] != "delta" for r in tight.log()[5:])
+    log = tight.log()  # (waits for the pipeline, which measures the deltas and sets key_every)
+    assert tight._enc.key_every == 1 and all(r["kind"] != "delta" for r in log[5:])
     loose = rb.Checkpointer(file_uri, run="loose", restore_budget_s=3600.0)
     _, _, rec = train_and_save(loose, 12, extra=False)
-    assert loose._enc.key_every == 4096 and [r["kind"] for r in loose.log()][1:] == ["delta"] * 11
+    log = loose.log()
+    assert loose._enc.key_every == 4096 and [r["kind"] for r in log][1:] == ["delta"] * 11
     for s in range(12):
         assert_matches_record(Reader(rb.open_store(file_uri), "loose").restore("main", s), rec, s)
     fork = loose.fork("other", step=5)

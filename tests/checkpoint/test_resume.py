@@ -38,14 +38,14 @@ def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segmen
             sgd_step(model, opt, gen)
             yield step, model, opt
 
-    # uninterrupted reference run, in its own store
-    ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), run="exp1", segment_size=segment_size, **MEMORYLESS)
+    # uninterrupted reference run, in its own store; one commit per save, as the commit numbers below assume
+    ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), run="exp1", segment_size=segment_size, flush_every=1, **MEMORYLESS)
     ref_rec = Recorder()
     for step, model, opt in trajectory():
         ref_rec.save(ref, step, model, opt)
 
     # the same run, stopped after step ``stop`` and resumed by a new Checkpointer
-    first = rb.Checkpointer(uri, run="exp1", segment_size=segment_size, **MEMORYLESS)
+    first = rb.Checkpointer(uri, run="exp1", segment_size=segment_size, flush_every=1, **MEMORYLESS)
     rec = Recorder()
     traj = trajectory()
     for step, model, opt in traj:
@@ -53,9 +53,10 @@ def test_new_checkpointer_continues_the_chain(request, tmp_path, backend, segmen
         if step == stop:
             break
     assert first.epoch == 1
+    first.close()  # the writer stops (its last commits land)
     del first
 
-    resumed = rb.Checkpointer(uri, run="exp1", segment_size=segment_size, **MEMORYLESS)
+    resumed = rb.Checkpointer(uri, run="exp1", segment_size=segment_size, flush_every=1, **MEMORYLESS)
     assert resumed.epoch is None
     head = resumed.head()  # loads the head: registers as the branch's writer
     assert resumed.epoch == 2
@@ -84,6 +85,7 @@ def test_resume_on_a_branch_whose_head_is_a_snapshot(file_uri):
     model = make_model(0)
     first = rb.Checkpointer(file_uri, run="exp1")
     first.save(0, model)
+    first.close()
     resumed = rb.Checkpointer(file_uri, run="exp1")
     rec = Recorder()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -99,19 +101,19 @@ def test_resume_after_group_commits(file_uri):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
     rec = Recorder()
-    first = rb.Checkpointer(file_uri, run="exp1", flush_every=4, segment_size=2)
+    first = rb.Checkpointer(file_uri, run="exp1", flush_every=4, flush_seconds=None, segment_size=2)
     for step in range(7):
         sgd_step(model, opt, gen)
         rec.save(first, step, model, opt)
-    first.close()  # steps 0 | 1..4 | 5, 6
-    resumed = rb.Checkpointer(file_uri, run="exp1", flush_every=3, segment_size=2)
+    first.close()  # steps 0 (the snapshot closes its group) | 1..4 | 5, 6 (committed by close)
+    resumed = rb.Checkpointer(file_uri, run="exp1", flush_every=3, flush_seconds=None, segment_size=2)
     for step in range(7, 13):
         sgd_step(model, opt, gen)
         rec.save(resumed, step, model, opt)
     resumed.close()
     log = resumed.log()
     assert [r["step"] for r in log] == list(range(13))
-    assert [r["commit"] for r in log] == [1, 2, 2, 2, 2, 3, 3, 5, 5, 5, 6, 6, 6]
+    assert [r["commit"] for r in log] == [1, 2, 2, 2, 2, 3, 3, 5, 5, 5, 6, 6, 6]  # commit 4: the new writer's fence
     fresh = rb.Reader(rb.open_store(file_uri), "exp1")
     for step in range(13):
         assert_matches_record(fresh.restore("main", step), rec, step)
@@ -173,6 +175,7 @@ def test_restored_run_trains_on_identically(file_uri, deterministic, opt_kind, m
     for step in range(6):
         train_step(model, opt)
         ckpt.save(step, model, opt)
+    ckpt.flush()  # committed, and the encoder's state settled
     if mode == "lossy":
         assert "model" in ckpt._enc.encoders
         sd = model.state_dict()
@@ -238,6 +241,7 @@ def test_uniform_writer_resumed_from_a_restore_keeps_the_bound(file_uri):
     for step in range(6):
         sgd_step(model, opt, gen)
         first.save(step, model, opt)
+    first.close()
     del first
     resumed = rb.Checkpointer(file_uri, run="exp1", residual=0.5)
     state = resumed.restore()
@@ -252,5 +256,6 @@ def test_uniform_writer_resumed_from_a_restore_keeps_the_bound(file_uri):
         u = torch.cat([model.state_dict()[n].reshape(-1) for n in enc.names])
         prev = torch.cat([before[n].reshape(-1) for n in enc.names])
         assert float((u - enc.recon).norm()) <= 0.5 * float((u - prev).norm()) * (1 + 1e-6)
+    resumed.flush()
     for step in range(6, 12):
         assert_matches_record(rb.Checkpointer(file_uri, run="exp1").restore(step), rec, step)

@@ -2,17 +2,37 @@
 
 A failed group commit loses exactly that group (the error names its steps) and the next save
 goes on from the last commit; a failed seal after a commit loses nothing (a warning, and the
-next commit finishes it)."""
+next commit finishes it).
+
+The tests inject one failure and turn the group commit's retries off (``RetryPolicy(attempts=1)``)
+so that it surfaces. With ``background=False`` it is raised by the save whose commit hit it; in
+the background pipeline by the next call (here ``flush``)."""
 import pytest
 import torch
 
 import raybranch as rb
+from raybranch.checkpoint.group import RetryPolicy
 from raybranch.errors import NotFoundError, StoreError
 from raybranch.ledger.verify import verify_store
 from raybranch.store.store import Store
 from raybranch.store.uri import parse_uri
 
 from ckpt_testkit import MEMORYLESS, Recorder, assert_matches_record, branch_id, commit_seqs, committed, make_model, sealed_pages, sgd_step
+
+ONE_ATTEMPT = RetryPolicy(attempts=1)
+
+
+def _fails_at_commit(ck, background, save):
+    """``save()`` makes the commit that fails: the StoreError it raises (inline), or that the
+    next ``flush`` raises (background)."""
+    if background:
+        save()
+        with pytest.raises(StoreError) as ei:
+            ck.flush()
+    else:
+        with pytest.raises(StoreError) as ei:
+            save()
+    return ei
 
 
 class FlakyStore(Store):
@@ -71,6 +91,7 @@ def test_failed_head_read_is_retried_not_a_new_chain(file_uri):
         with torch.no_grad():
             m.weight.add_(0.01)
         ck.save(s, m)
+    ck.close()
     flaky = FlakyStore(file_uri, fail_reads=1)
     resumed = rb.Checkpointer(flaky, "r", "main")
     with pytest.raises(StoreError):
@@ -80,8 +101,9 @@ def test_failed_head_read_is_retried_not_a_new_chain(file_uri):
     assert rec["kind"] == "delta" and rec["parent"] == ["main", 2]
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
 @pytest.mark.parametrize("where", ["/blobs/", "/commits/"], ids=["blob-write", "commit-create"])
-def test_failed_group_commit_loses_the_group_and_the_chain_goes_on(file_uri, tmp_path, where):
+def test_failed_group_commit_loses_the_group_and_the_chain_goes_on(file_uri, tmp_path, where, background):
     states = dict(_states(13))
     # ground truth: a clean store that never saw steps 5..8
     ref = rb.Checkpointer("file://" + str(tmp_path / "ref"), "r", "main", flush_every=4, segment_size=3, **MEMORYLESS)
@@ -91,16 +113,17 @@ def test_failed_group_commit_loses_the_group_and_the_chain_goes_on(file_uri, tmp
     ref.close()
 
     flaky = FlakyStore(file_uri, only=where)
-    ck = rb.Checkpointer(flaky, "r", "main", flush_every=4, segment_size=3, **MEMORYLESS)
+    ck = rb.Checkpointer(flaky, "r", "main", flush_every=4, flush_seconds=None, segment_size=3, retry=ONE_ATTEMPT,
+                         background=background, **MEMORYLESS)
     rec = Recorder()
     for s in range(5):
         rec.save(ck, s, states[s])  # commits: [0] (the snapshot), [1..4]
+    ck.flush()  # (nothing open: step 4 closed its group)
     assert committed(flaky, "r") == [(1, [0]), (2, [1, 2, 3, 4])]
     flaky.fail_creates = 1  # the next group's blob (or its commit record) cannot be created
     for s in range(5, 8):
         rec.save(ck, s, states[s])
-    with pytest.raises(StoreError) as ei:
-        ck.save(8, states[8])
+    ei = _fails_at_commit(ck, background, lambda: ck.save(8, states[8]))
     msg = str(ei.value)
     assert "steps 5..8" in msg and "'main'" in msg and "not committed" in msg and "injected" in msg and "\n" not in msg
     assert committed(flaky, "r") == [(1, [0]), (2, [1, 2, 3, 4])]  # nothing of the group
@@ -132,13 +155,13 @@ def test_failed_group_commit_loses_the_group_and_the_chain_goes_on(file_uri, tmp
 def test_failed_seal_keeps_the_save_and_the_branch(file_uri, fail):
     m = _model(1)
     flaky = FlakyStore(file_uri, **fail)
-    ck = rb.Checkpointer(flaky, "r", "main", segment_size=3)
+    ck = rb.Checkpointer(flaky, "r", "main", segment_size=3, flush_every=1)  # one commit per save
     with pytest.warns(UserWarning, match="committed, but sealing"):
         for s in range(8):
             with torch.no_grad():
                 m.weight.add_(0.01 * (s + 1))
             assert ck.save(s, m) == f"r/main/{s}"
-    ck.close()
+        ck.close()  # the commits (and seals) behind the training thread are done
     log = ck.log()
     assert [r["step"] for r in log] == list(range(8))
     # commits 0..8: every page sealed (one cut short is finished by a later commit), every step compacted
@@ -156,16 +179,17 @@ def test_seal_cut_short_is_finished_by_the_next_writer(file_uri):
     that exists, and deletes nothing it references."""
     states = _states(9)
     flaky = FlakyStore(file_uri, fail_writes=1, only="top.json")
-    first = rb.Checkpointer(flaky, "r", "main", segment_size=3)
+    first = rb.Checkpointer(flaky, "r", "main", segment_size=3, flush_every=1)  # one commit per save
     rec = Recorder()
     with pytest.warns(UserWarning, match="sealing"):
         for s, sd in states[:3]:  # commits 0..3: page 0-2 created, top.json not written
             rec.save(first, s, sd)
+        first.close()  # its commits are done (close seals nothing: only a commit does)
     del first
     store = rb.open_store(file_uri)
     assert not store.exists(f"r/branches/{branch_id(store, 'r')}/top.json")
     assert commit_seqs(store, "r") == [0, 1, 2, 3]
-    nxt = rb.Checkpointer(store, "r", "main", segment_size=3)
+    nxt = rb.Checkpointer(store, "r", "main", segment_size=3, flush_every=1)
     for s, sd in states[3:]:
         rec.save(nxt, s, sd)
     nxt.close()
@@ -178,25 +202,25 @@ def test_seal_cut_short_is_finished_by_the_next_writer(file_uri):
         assert_matches_record(fresh.restore("main", s), rec, s)
 
 
-def test_failed_commit_keeps_the_epoch_and_never_takes_the_branch_back(file_uri):
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
+def test_failed_commit_keeps_the_epoch_and_never_takes_the_branch_back(file_uri, background):
     """A store error is no takeover: the writer continues under its own epoch, and when a newer
     writer registered while it was cut off, it is fenced instead of fencing the newcomer."""
     m = _model(0)
     flaky = FlakyStore(file_uri, only="/commits/")
-    ck = rb.Checkpointer(flaky, "r", "main")
+    ck = rb.Checkpointer(flaky, "r", "main", flush_every=1, retry=ONE_ATTEMPT, background=background)
     for s in range(3):
         ck.save(s, m)
+    ck.flush()
     epoch = ck.epoch
     flaky.fail_creates = 1
-    with pytest.raises(StoreError):
-        ck.save(3, m)
+    _fails_at_commit(ck, background, lambda: ck.save(3, m))
     ck.save(4, m)  # rejoins: no fence commit, same epoch
     assert ck.epoch == epoch
     assert [r["kind"] for r in ck.log()] == ["snapshot", "delta", "delta", "delta"]
 
     flaky.fail_creates = 1
-    with pytest.raises(StoreError):
-        ck.save(5, m)
+    _fails_at_commit(ck, background, lambda: ck.save(5, m))
     newer = rb.Checkpointer(file_uri, "r", "main")
     assert newer.acquire() == epoch + 1
     from raybranch.errors import FencedError

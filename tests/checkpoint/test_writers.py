@@ -1,5 +1,10 @@
 """What the Checkpointer adds on top of the commit log: group commits (``flush_every``) and
-writer fencing (a Checkpointer whose branch another one took over is refused)."""
+writer fencing (a Checkpointer whose branch another one took over is refused).
+
+Group commits run behind the training thread: a group closed by a save (its ``flush_every``-th
+step, an exact checkpoint) is committed by the pipeline, and :func:`settle` waits for that
+without committing anything more; a tagged save, ``flush``, ``close`` and ``restore`` wait for the
+commit themselves."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +15,7 @@ from raybranch.errors import FencedError, NotFoundError
 from raybranch.ledger.verify import verify_store
 from raybranch.store.blob import read_blob
 
-from ckpt_testkit import Recorder, assert_matches_record, committed, make_model, sealed_pages, sgd_step, state_bytes
+from ckpt_testkit import Recorder, assert_matches_record, committed, make_model, sealed_pages, settle, sgd_step, state_bytes
 
 BACKENDS = ["file_uri", "s3_uri"]
 
@@ -29,9 +34,14 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.rec = Recorder()
 
-    def save(self, ckpt, step, **kw):
+    def save(self, ckpt, step, *, on_return=None, **kw):
+        """``on_return()`` runs as soon as ``save`` returns, before the Recorder waits for the pipeline."""
         sgd_step(self.model, self.opt, self.gen)
-        return self.rec.save(ckpt, step, self.model, self.opt, **kw)
+        cid = ckpt.save(step, self.model, self.opt, **kw)
+        if on_return is not None:
+            on_return()
+        self.rec.record(ckpt, step, self.model, self.opt)
+        return cid
 
 
 def _steps_of_blob(store, h):
@@ -42,7 +52,7 @@ def _steps_of_blob(store, h):
 # -- group commits ---------------------------------------------------------------------------
 def test_group_commits(uri):
     store = rb.open_store(uri)
-    ckpt = rb.Checkpointer(store, run="exp1", flush_every=8, segment_size=0)
+    ckpt = rb.Checkpointer(store, run="exp1", flush_every=8, flush_seconds=None, segment_size=0)  # no time window
     t = Trainer()
 
     other = rb.open_store(uri)  # another process's view
@@ -50,14 +60,17 @@ def test_group_commits(uri):
     def visible():  # what another process sees (log() would commit the open group)
         return committed(other, "exp1")
 
-    t.save(ckpt, 0)  # the first save is a snapshot: committed at once
+    t.save(ckpt, 0)  # the first save is a snapshot: it closes its group (a commit of its own)
+    settle(ckpt)
     assert visible() == [(1, [0])]
     for s in range(1, 8):
         t.save(ckpt, s)
+    settle(ckpt)
     assert visible() == [(1, [0])]  # seven saves open
     with pytest.raises(NotFoundError):
         rb.Reader(other, "exp1").restore("main", 5)
-    t.save(ckpt, 8)  # the eighth save of the group commits it: one commit, one blob
+    t.save(ckpt, 8)  # the eighth save of the group closes it: one commit, one blob
+    settle(ckpt)
     assert visible() == [(1, [0]), (2, list(range(1, 9)))]
     blobs = {i.base_name.removesuffix(".arrow") for i in store.list("exp1/blobs")}
     assert len(blobs) == 2
@@ -66,15 +79,17 @@ def test_group_commits(uri):
 
     t.save(ckpt, 9)
     t.save(ckpt, 10)
-    t.save(ckpt, 11, tags=["eval"])  # a tagged save commits the open group with it
-    assert visible()[-1] == (3, [9, 10, 11])
+    seen = []
+    t.save(ckpt, 11, tags=["eval"], on_return=lambda: seen.append(visible()[-1]))
+    assert seen == [(3, [9, 10, 11])]  # a tagged save returns once the open group is committed with it
     t.save(ckpt, 12)
     t.save(ckpt, 13)
     assert_matches_record(ckpt.restore(13), t.rec, 13)  # restore of an open step commits the group first
     assert visible()[-1] == (4, [12, 13])
     t.save(ckpt, 14)
     t.save(ckpt, 15)
-    t.save(ckpt, 16, snapshot=True)  # so does a snapshot
+    t.save(ckpt, 16, snapshot=True)  # a snapshot closes the open group too
+    settle(ckpt)
     assert visible()[-1] == (5, [14, 15, 16])
     t.save(ckpt, 17)
     t.save(ckpt, 18)
@@ -100,7 +115,7 @@ def test_group_commits(uri):
 
 def test_group_commits_across_sealed_pages(file_uri):
     """Pages are sealed by commits, not steps: groups of 4 steps, pages of 2 commits."""
-    ckpt = rb.Checkpointer(file_uri, run="exp1", flush_every=4, segment_size=2)
+    ckpt = rb.Checkpointer(file_uri, run="exp1", flush_every=4, flush_seconds=None, segment_size=2)
     t = Trainer(3)
     for s in range(21):
         t.save(ckpt, s)
@@ -124,10 +139,11 @@ def test_stale_checkpointer_is_fenced(uri, takeover):
     refused with FencedError naming the branch, the steps and both epochs; nothing of A's is
     committed after B's fence, and every step committed before restores unchanged."""
     store = rb.open_store(uri)  # the view of a third process
-    a = rb.Checkpointer(rb.open_store(uri), run="exp1", flush_every=3, segment_size=4)
+    a = rb.Checkpointer(rb.open_store(uri), run="exp1", flush_every=3, flush_seconds=None, segment_size=4)
     ta = Trainer(0)
     for s in range(7):  # commits [0], [1, 2, 3], [4, 5, 6]
         ta.save(a, s)
+    a.flush()  # (nothing open: step 6 closed its group)
     assert a.epoch == 1
     reader = rb.Reader(store, "exp1")
     before = {s: state_bytes(reader.restore("main", s)) for s in range(7)}
@@ -138,14 +154,16 @@ def test_stale_checkpointer_is_fenced(uri, takeover):
     if takeover == "acquire":
         assert b.acquire() == 2
     else:
-        tb.save(b, 7)
+        tb.save(b, 7)  # its first save registers it (the fence commit, before save returns) …
+        b.flush()  # … and step 7 is committed
     assert b.epoch == 2
     b_steps = [7] if takeover == "save" else []
 
     ta.save(a, 7)
     ta.save(a, 8)  # open: nothing reaches the store yet
+    ta.save(a, 9)  # closes the group: its commit, behind the training thread, is refused …
     with pytest.raises(FencedError) as ei:
-        ta.save(a, 9)  # the group's commit is refused
+        a.flush()  # … and the next call raises it
     msg = str(ei.value)
     assert "\n" not in msg
     assert "'main'" in msg and "steps 7..9" in msg and "epoch 1" in msg and "epoch 2" in msg, msg
@@ -172,12 +190,12 @@ def test_stale_checkpointer_is_fenced(uri, takeover):
 
 
 def test_fenced_single_save_writes_no_commit(file_uri):
-    """flush_every=1: the stale writer's very next save is refused; the branch's commits are B's."""
-    a = rb.Checkpointer(file_uri, run="exp1")
+    """flush_every=1, inline: the stale writer's very next save is refused; the branch's commits are B's."""
+    a = rb.Checkpointer(file_uri, run="exp1", flush_every=1, background=False)
     ta = Trainer(0)
     for s in range(3):
         ta.save(a, s)
-    b = rb.Checkpointer(file_uri, run="exp1")
+    b = rb.Checkpointer(file_uri, run="exp1", flush_every=1)
     b.acquire()
     heads = committed(rb.open_store(file_uri), "exp1")
     with pytest.raises(FencedError, match=r"step 3 of branch 'main'.*epoch 1 was fenced by epoch 2"):
@@ -192,5 +210,6 @@ def test_fenced_single_save_writes_no_commit(file_uri):
     # … only an explicit acquire() does, with a newer epoch that in turn fences B
     assert a.acquire() == 3
     ta.save(a, 6)
-    with pytest.raises(FencedError):
-        Trainer(1).save(b, 7)
+    Trainer(1).save(b, 7)  # B's commit behind its training thread is refused: its next call says so
+    with pytest.raises(FencedError, match=r"step 7 of branch 'main'.*epoch 2"):
+        b.flush()

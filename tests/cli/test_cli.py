@@ -35,7 +35,7 @@ def _populate(uri):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ck = rb.Checkpointer(uri, "exp1", "main", segment_size=4)
+    ck = rb.Checkpointer(uri, "exp1", "main", segment_size=4, flush_every=1)  # one commit per checkpoint
     x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
     for step in range(10):
         loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -39,7 +39,7 @@ def _same(a, b):
 
 def test_gc_frees_dead_branch_and_garbage_keeps_the_rest(file_uri):
     m = _model()
-    ck = rb.Checkpointer(file_uri, "r", "main", segment_size=4)
+    ck = rb.Checkpointer(file_uri, "r", "main", segment_size=4, flush_every=1)  # one commit per save (forks inherit it)
     for s in range(10):
         _nudge(m, s)
         ck.save(s, m)
@@ -51,6 +51,8 @@ def test_gc_frees_dead_branch_and_garbage_keeps_the_rest(file_uri):
     for s in range(4, 9):
         _nudge(m, 200 + s)
         doomed.save(s, m)
+    for w in (ck, alt, doomed):
+        w.close()  # every save committed before gc looks
     store = open_store(file_uri)
     garbage = "r/blobs/" + "0" * 64 + ".arrow"
     store.write_bytes(garbage, b"x" * 1000)
@@ -103,13 +105,15 @@ def test_gc_with_a_writer_running(request, backend):
 
 def test_retention_thins_old_pages_and_keeps_tagged_forked_and_linked_steps(file_uri):
     m = _model(2)
-    ck = rb.Checkpointer(file_uri, "r", "main", segment_size=4, snapshot_every=8)
+    ck = rb.Checkpointer(file_uri, "r", "main", segment_size=4, snapshot_every=8, flush_every=1)  # pages of 4 commits = 4 steps
     for s in range(48):
         _nudge(m, s)
         ck.save(s, m, tags=["slice-end:1"] if s == 13 else None)
     fork = ck.fork("alt", 18)
     _nudge(m, 99)
     fork.save(19, m)
+    fork.close()
+    ck.close()
     store = open_store(file_uri)
     move_link(store, "r", "served", {"branch": "main", "branch_id": ck._writer.bid, "step": 21})
     before = _restore_all(file_uri, "r", "main")

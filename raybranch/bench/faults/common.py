@@ -61,7 +61,16 @@ def ckpt_kwargs(segment_size: int = 3, flush_every: int = 1) -> dict:
     # LC: its coding is a function of (u_t, ũ_{t−1}) alone, so a writer resumed after a kill codes
     # the next step exactly as the uninterrupted reference run did, which these checks compare.
     # The uniform codec's rate control also keeps in-memory state (the last u, σ, κ).
-    return dict(codec="lc", segment_size=segment_size, flush_every=flush_every, snapshot_every=SNAPSHOT_EVERY, save_rng=False)
+    # background=False: the save pipeline runs inside save() (as the checkpoint actor runs it), so
+    # a writer's store operations, its kill points and its "saved" events follow its saves in
+    # order, a commit a save closes is made before it returns, and no thread exists at a fork.
+    # One attempt per group commit: the cases measure the store's own retries (``retry_deadline``:
+    # the outage case checks that a save fails within about it), which the group commit's retries
+    # would multiply.
+    from ...checkpoint.group import RetryPolicy
+
+    return dict(codec="lc", segment_size=segment_size, flush_every=flush_every, snapshot_every=SNAPSHOT_EVERY, save_rng=False,
+                background=False, retry=RetryPolicy(attempts=1))
 
 
 # -- digests ----------------------------------------------------------------------------------
