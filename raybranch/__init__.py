@@ -8,7 +8,9 @@
 """
 from .checkpoint.checkpointer import Checkpointer, open_checkpointer
 from .checkpoint.restore import Reader
+from .checkpoint.group import RetryPolicy
 from .checkpoint.state import set_rng
+from .checkpoint.training_state import TrainingState, collect
 from .errors import CorruptBlobError, NonFiniteError, NotFoundError, RaybranchError, StoreError
 from .store.store import Store, open_store
 
@@ -19,8 +21,11 @@ __all__ = [
     "NotFoundError",
     "RaybranchError",
     "Reader",
+    "RetryPolicy",
     "Store",
     "StoreError",
+    "TrainingState",
+    "collect",
     "open_checkpointer",
     "open_store",
     "set_rng",

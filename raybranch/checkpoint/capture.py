@@ -60,7 +60,7 @@ class BufferPool:
 class Capture:
     """One save on its way to the store."""
 
-    __slots__ = ("step", "flats", "exact", "groups", "layout", "layout_hash", "layout_bytes", "meta", "slices",
+    __slots__ = ("step", "flats", "exact", "exact_flats", "groups", "layout", "layout_hash", "layout_bytes", "meta", "slices",
                  "tags", "want_exact", "time", "ready", "pool")
 
     def release(self) -> None:
@@ -74,16 +74,16 @@ class Capture:
         """NonFiniteError naming the first tensor that holds NaN/Inf (a finite sum of a vector
         means every entry is finite: one reduction per group on the common path)."""
         for g, flat in self.flats.items():
-            if not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+            if not _finite(flat):
                 sizes = self.layout["groups"][g]["sizes"]
                 bad = int(torch.nonzero(~torch.isfinite(flat))[0])
                 i = 0
                 while bad >= sizes[i]:
                     bad, i = bad - sizes[i], i + 1
                 self._nonfinite(self.groups[g][i])
-        for n, t in self.exact.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                self._nonfinite(n)
+        for names, flat in self.exact_flats:
+            if flat.is_floating_point() and not _finite(flat):
+                self._nonfinite(next(n for n in names if not bool(torch.isfinite(self.exact[n]).all())))
 
     def _nonfinite(self, name: str) -> None:
         raise NonFiniteError(nonfinite_message(name, self.step))
@@ -98,9 +98,14 @@ def check_state_finite(state, step: int) -> None:
     worker checks before handing a state to its checkpoint actor; CUDA tensors are left to the
     actor's capture, as a check here would wait for the GPU)."""
     for n, t in state.tensors.items():
-        if t.is_floating_point() and not t.is_cuda and t.numel():
-            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(nonfinite_message(n, step))
+        if t.is_floating_point() and not t.is_cuda and not _finite(t):
+            raise NonFiniteError(nonfinite_message(n, step))
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: a finite sum says so in one reduction (the entry-wise check only when
+    the sum is not finite, which an overflowing sum of finite entries can also make)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def capture(step: int, state, rules, pool: BufferPool, device: torch.device | None, *, slices=None, tags=None,
@@ -114,7 +119,7 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
     c.slices, c.tags = list(slices or []), list(tags or [])
     c.want_exact = bool(tags) if snapshot is None else bool(snapshot)
     c.time = round(time.time(), 3)
-    c.pool, c.flats, c.exact, c.ready = pool, {}, {}, None
+    c.pool, c.flats, c.exact, c.exact_flats, c.ready = pool, {}, {}, [], None
     cuda = False
     for g, names in c.groups.items():
         parts = [tensors[n].detach().reshape(-1) for n in names]
@@ -127,13 +132,21 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
         else:
             buf.copy_(torch.cat([p.float() for p in parts]), non_blocking=True)
         c.flats[g] = buf
+    by_kind: dict[tuple, list[str]] = {}  # exact tensors copied into one flat buffer per dtype and device
     for n in exact_names:
-        t = tensors[n].detach()
-        if t.is_cuda:
+        t = tensors[n]
+        by_kind.setdefault((t.dtype, t.device), []).append(n)
+    for (dtype, dev), names in by_kind.items():
+        flat = torch.cat([tensors[n].detach().reshape(-1) for n in names])  # a copy
+        if dev.type == "cuda":
             cuda = True
-            c.exact[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-        else:
-            c.exact[n] = t.clone()
+            flat = torch.empty(flat.shape, dtype=dtype, pin_memory=True).copy_(flat, non_blocking=True)
+        c.exact_flats.append((names, flat))
+        off = 0
+        for n in names:
+            t = tensors[n]
+            c.exact[n] = flat[off : off + t.numel()].view(t.shape)
+            off += t.numel()
     if cuda:
         c.ready = torch.cuda.Event()
         c.ready.record()

@@ -37,6 +37,7 @@ commits into one segment blob at a stronger zstd level (for writers committing s
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
@@ -44,12 +45,11 @@ import warnings
 import torch
 
 from ..codec.modes import make_params
-from ..errors import ConflictError, FencedError, NotFoundError, RaybranchError
-from ..ledger.branch import BranchLog, BranchWriter
+from ..errors import FencedError, NotFoundError, RaybranchError
+from ..ledger.branch import BranchWriter
 from ..ledger.lineage import Lineage, create_branch
 from ..ledger.pages import Sealer
 from ..ledger.records import PAGE_SIZE, check_name
-from ..ledger.refs import read_branch_ref
 from ..store.store import Store, open_store
 from .capture import BufferPool, Capture, capture
 from .compact import compact_rows
@@ -57,9 +57,10 @@ from .encode import StateEncoder
 from .group import MAX_GROUP_BYTES, OpenGroup, RetryPolicy, commit_group
 from .history import branch_log, log_record
 from .layout import LayoutRules
-from .pipeline import Pipeline, describe_steps
+from .pipeline import Pipeline, describe_steps, failure_error
 from .restore import Reader
 from .training_state import TrainingState, collect
+from .writer import LapsedWriterFenced, acquire_writer
 
 DEFAULT_KEY_EVERY = 256  # deltas between key frames (docs/DECISIONS.md: the ratio/restore frontier)
 DEFAULT_FLUSH_EVERY = 64  # steps per group commit (docs/DECISIONS.md: the durability window)
@@ -144,6 +145,7 @@ class Checkpointer:
         self._lapsed: tuple | None = None  # (epoch, writer id, branch id) held before a failed commit
         self._lost: list[int] = []  # steps of the open group lost with a failure that was not their commit
         self._pool = BufferPool()
+        self._stream = None  # the CUDA stream the pipeline encodes on (a CUDA encoder only)
         self._pipeline = Pipeline(f"raybranch-save-{self.branch}", self._process, max_pending=max_pending,
                                   step_of=lambda c: c.step, due_in=self._due_in, on_idle=self._commit_group,
                                   on_failure=self._reset_after_failure, release=Capture.release) if background else None
@@ -283,7 +285,8 @@ class Checkpointer:
         enc = self._enc
         kind = enc.kind(self._head, c.layout_hash, exact=c.want_exact)
         t0, c0 = time.perf_counter(), time.thread_time()
-        rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
+        with self._encode_stream():
+            rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
         self.timings["encode_s"] += time.perf_counter() - t0
         self.timings["encode_cpu_s"] += time.thread_time() - c0
         self.timings["lossy_bytes"] = enc.lossy_bytes
@@ -306,6 +309,15 @@ class Checkpointer:
         if (len(self._group) >= self.flush_every or kind != "delta" or c.tags or self._group.nbytes >= MAX_GROUP_BYTES
                 or (self._due_in() or 1.0) <= 0):
             self._commit_group()
+
+    def _encode_stream(self):
+        """On a CUDA encoder, a stream of the pipeline's own: its kernels do not queue behind (or
+        ahead of) the training's on the default stream."""
+        if self.device is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._stream)
 
     def _due_in(self) -> float | None:
         """Seconds until the open group's window closes (None: no group, or no time limit)."""
@@ -365,15 +377,8 @@ class Checkpointer:
         self._pipeline.wait()  # the captures queued behind the failure are dropped by now
         exc, step, dropped = self._pipeline.take_failure()
         self._last_step = None
-        msg = str(exc)
-        if step is not None and not msg.startswith(("step ", "steps ")):
-            msg = f"step {step} of branch {self.branch!r} not saved: {msg}"
-        if self._lost:
-            msg += f"; {describe_steps(self._lost)}, saved before it, were not committed either"
-        if dropped:
-            msg += f"; {describe_steps(dropped)}, queued after it, were dropped"
-        self._lost = []
-        raise _same_type(exc, msg) from None
+        lost, self._lost = self._lost, []
+        raise failure_error(exc, step, f"branch {self.branch!r}", lost, dropped) from None
 
     # -- internals ----------------------------------------------------------------------------
     def _load_head(self) -> None:
@@ -383,16 +388,11 @@ class Checkpointer:
             return
         if self._fenced:
             raise FencedError(f"{self._fenced} (this Checkpointer stays fenced; acquire() takes the branch back)")
-        ref = read_branch_ref(self.store, self.run, self.branch)
-        if ref is None or not ref.live:
-            try:
-                self._writer = create_branch(self.store, self.run, self.branch, page_size=self.segment_size or PAGE_SIZE)
-            except ConflictError:  # created by another process just now: take it over
-                ref = read_branch_ref(self.store, self.run, self.branch)
-        if self._writer is None and self._lapsed is not None:
-            self._writer = self._rejoin(ref)  # after a failed commit: the same epoch, or fenced
-        if self._writer is None:
-            self._writer = BranchWriter.register(BranchLog(self.store, self.run, ref.doc["branch_id"], self.branch))
+        try:
+            self._writer = acquire_writer(self.store, self.run, self.branch, self.segment_size or PAGE_SIZE, self._lapsed)
+        except LapsedWriterFenced as exc:
+            self._fenced = str(exc)
+            raise
         self._lapsed = None
         self._enc = StateEncoder(self.params, self.key_every, self.standalone_every, self.device, self.restore_budget_s)
         lin = Lineage(self.store, self.run, log=self._writer.log)
@@ -413,32 +413,8 @@ class Checkpointer:
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 
 
-    def _rejoin(self, ref) -> BranchWriter:
-        """Continue under the epoch this writer held before a failed commit: a store error is no
-        reason to take the branch back from a newer writer that registered meanwhile."""
-        epoch, writer_id, bid = self._lapsed
-        if ref is None or not ref.live or ref.doc["branch_id"] != bid:
-            raise FencedError(f"branch {self.branch!r} of run {self.run!r} was replaced while this writer (epoch {epoch}) was cut off")
-        log = BranchLog(self.store, self.run, bid, self.branch).open()
-        if log.head["epoch"] > epoch:
-            self._fenced = (f"branch {self.branch!r} of run {self.run!r}: writer epoch {epoch} was fenced by epoch "
-                            f"{log.head['epoch']} while its commit failed")
-            raise FencedError(self._fenced)
-        return BranchWriter(log, epoch, writer_id)
-
-
 def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Checkpointer:
     return Checkpointer(open_store(uri), run, branch, **kwargs)
 
 
 __all__ = ["Checkpointer", "log_record", "open_checkpointer"]
-
-
-def _same_type(exc: BaseException, msg: str) -> BaseException:
-    """``exc``'s type with message ``msg`` (a RaybranchError when the type takes other arguments)."""
-    if msg == str(exc):
-        return exc
-    try:
-        return type(exc)(msg)
-    except Exception:  # noqa: BLE001
-        return RaybranchError(f"{type(exc).__name__}: {msg}")

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Callable
 
+from ..errors import RaybranchError
+
 
 class _Barrier:
     """Processed after everything submitted before it; ``run`` is called on the thread."""
@@ -145,4 +147,23 @@ def describe_steps(steps: list[int]) -> str:
     return "steps " + ", ".join(map(str, steps))
 
 
-__all__ = ["Pipeline", "describe_steps"]
+def failure_error(exc: BaseException, step: int | None, where: str, lost: list[int], dropped: list[int]) -> BaseException:
+    """The error a failure behind the training thread is raised as: ``exc``'s type, its message
+    led by the step it hit (unless it names its steps already) and followed by the steps lost
+    with it: ``lost`` (encoded before it, not committed), ``dropped`` (queued after it)."""
+    msg = str(exc)
+    if step is not None and not msg.startswith(("step ", "steps ")):
+        msg = f"step {step} of {where} not saved: {msg}"
+    if lost:
+        msg += f"; {describe_steps(lost)}, saved before it, were not committed either"
+    if dropped:
+        msg += f"; {describe_steps(dropped)}, queued after it, were dropped"
+    if msg == str(exc):
+        return exc
+    try:
+        return type(exc)(msg)
+    except Exception:  # noqa: BLE001 - a type that takes other arguments
+        return RaybranchError(f"{type(exc).__name__}: {msg}")
+
+
+__all__ = ["Pipeline", "describe_steps", "failure_error"]

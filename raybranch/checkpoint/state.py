@@ -98,7 +98,7 @@ def rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
     version, internal, gauss_next = random.getstate()
-    tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
+    tensors["rng/python"] = torch.from_numpy(np.fromiter(internal, np.int64, len(internal)))
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, gauss_next]}
     return tensors, meta
 

@@ -23,7 +23,6 @@ it until the client has raised it, and the Checkpointer then continues from the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .streams import FAST_LEVEL, zstd_compress, zstd_decompress
+from .streams import zstd_compress, zstd_decompress
 
 _HEADER = np.dtype("<u4")
 
@@ -26,9 +26,9 @@ _HEADER = np.dtype("<u4")
 def escape_encode(v: np.ndarray) -> np.ndarray:
     """Non-negative integers → escape-coded bytes (vectorised)."""
     v = np.asarray(v, np.int64)
-    reps = v // 255
-    if not reps.any():
+    if not v.size or int(v.max()) < 255:  # the common case: one byte each
         return v.astype(np.uint8)
+    reps = v // 255
     out = np.full(v.size + int(reps.sum()), 255, np.uint8)
     out[np.cumsum(reps + 1) - 1] = (v % 255).astype(np.uint8)
     return out
@@ -48,14 +48,26 @@ def escape_decode(b: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_sparse(q: np.ndarray, level: int = FAST_LEVEL) -> bytes:
+SPARSE_LEVEL = 1  # zstd level of these frames: smaller than level 3 on them and as fast (levels 2–9 gain < 1 %, 19 +6 % at 3× the encode time)
+
+
+def encode_sparse(q: np.ndarray, level: int = SPARSE_LEVEL) -> bytes:
     """A vector of integers (mostly 0) → one zstd frame."""
     idx = np.flatnonzero(q != 0)  # on a bool mask: ~4× faster than on the integers
-    vals = q[idx].astype(np.int64)
-    gaps = np.diff(idx, prepend=-1) - 1
+    return encode_nonzeros(idx, q[idx], level)
+
+
+def encode_nonzeros(idx: np.ndarray, vals: np.ndarray, level: int = SPARSE_LEVEL) -> bytes:
+    """The frame of :func:`encode_sparse` from the nonzero entries' ascending indices and values
+    (what a GPU hands over instead of the whole vector)."""
+    gaps = np.empty(idx.size, np.int64)
+    if idx.size:
+        gaps[0] = idx[0]
+        np.subtract(idx[1:], idx[:-1], out=gaps[1:])
+        gaps[1:] -= 1
     g, m = escape_encode(gaps), escape_encode(np.abs(vals) - 1)
-    head = np.array([idx.size, g.size, m.size], _HEADER).tobytes()
-    return zstd_compress(head + g.tobytes() + m.tobytes() + np.packbits(vals < 0).tobytes(), level)
+    head = np.array([idx.size, g.size, m.size], _HEADER).view(np.uint8)
+    return zstd_compress(np.concatenate([head, g, m, np.packbits(vals < 0)]).data, level)
 
 
 MAX_MAGNITUDE = 1 << 16  # |q_i| ≤ this (the quantizer clips; error feedback carries the rest)

@@ -44,8 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import NonFiniteError, RaybranchError
-from .sparse import MAX_MAGNITUDE, decode_parts, encode_sparse
-from .streams import FAST_LEVEL
+from .sparse import MAX_MAGNITUDE, SPARSE_LEVEL, decode_parts, encode_nonzeros, encode_sparse
 
 _GRID = 2.0 ** (1 / 16)  # κ takes the values 2^(j/16): found to within 4.4 %
 SUBSAMPLE_MIN = 1 << 20  # groups this large (where a pass is memory-bound, not per-op overhead) search κ on every SUBSAMPLE_STRIDE-th entry first
@@ -107,10 +106,14 @@ class UniformEncoder:
         self.recon += 0.0  # −0 → +0, as the decoder's first add does: then ũ + q⊙Δ never makes a −0
         self.prev = self.recon.clone()
 
-    def encode(self, flat: torch.Tensor, level: int = FAST_LEVEL) -> tuple[bytes, np.ndarray, torch.Tensor]:
+    def encode(self, flat: torch.Tensor, level: int = SPARSE_LEVEL) -> tuple[bytes, np.ndarray, torch.Tensor]:
         """u_t → (sparse symbol stream, steps Δ [S] float32, q ⊙ Δ). ũ moves only in :meth:`advance`."""
         q, steps, qv = self.quantize(flat)
-        return encode_sparse(q.cpu().numpy(), level), steps.cpu().numpy(), qv
+        if q.device.type == "cpu":
+            return encode_sparse(q.numpy(), level), steps.numpy(), qv
+        idx = torch.nonzero(q).flatten()  # on the device: only the nonzeros cross to the host
+        vals = q[idx].to(torch.int16 if q.numel() and int(q.abs().max()) < 1 << 15 else torch.int32)
+        return encode_nonzeros(idx.cpu().numpy(), vals.cpu().numpy(), level), steps.cpu().numpy(), qv
 
     def quantize(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u_t → (q int32 [N], steps Δ [S] float32, q ⊙ Δ), on the encoder's device; raises
@@ -161,14 +164,6 @@ class UniformEncoder:
             st = torch.where(st > 0, st, self._per_tensor_rms(delta))
         return st.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
-    @staticmethod
-    def _quantize(delta: torch.Tensor, full: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """q ⊙ Δ as float32, q = round(δ_i / Δ_{s(i)}) clipped to ±2^16 (ũ + q⊙Δ is the decoder's
-        sum bit for bit); ``full`` holds Δ_{s(i)} per entry."""
-        q = torch.div(delta, full, out=out)
-        torch.round(q, out=q)  # half to even; the decoder only sees q
-        return q.clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE).mul_(full)  # a −0 here adds nothing to ũ (no −0 in it)
-
     def _rate_control(self, u: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, step_norm: float):
         """The largest κ (to 5 %) with ‖u_t − (ũ_{t−1} + q⊙Δ)‖ ≤ ρ·‖u_t − u_{t−1}‖; see the module docstring."""
         dnorm = float(delta.norm())
@@ -181,45 +176,77 @@ class UniformEncoder:
         j_min = _grid_index(float((amax[live] / scale[live]).min()) / MAX_MAGNITUDE)  # below it every tensor's largest entry clips
 
         scale_np = scale.numpy() if self._np_segments else None
+        j_noclip = _grid_index(float((amax[live] / scale[live]).max()) / MAX_MAGNITUDE) + 1  # from here on nothing clips
 
         def steps_at(j: int) -> torch.Tensor:  # Δ_s = κ·√σ_s in float32, κ = 2^(j/16)
             if scale_np is not None:
                 return torch.from_numpy(np.float32(_GRID ** j) * scale_np)  # the same float32 product, no tensor to build
             return torch.tensor(_GRID ** j, dtype=torch.float32, device=scale.device) * scale
 
-        def residual_test(d: torch.Tensor, uu: torch.Tensor, rec: torch.Tensor, spread):
-            tried: dict[int, float] = {}
-            qv, e = torch.empty_like(d), torch.empty_like(d)  # reused by every trial
-
-            def residual(j: int) -> float:  # ‖u − (ũ + q⊙Δ)‖ at κ_j, on the float32 sum the decoder forms
-                if j not in tried:
-                    self._quantize(d, spread(steps_at(j)), out=qv)
-                    torch.sub(uu, torch.add(rec, qv, out=e), out=e)
-                    tried[j] = float(torch.dot(e, e)) ** 0.5
-                return tried[j]
-            return residual, tried
-
         j = self._j if self._j is not None else _grid_index(dnorm / math.sqrt(delta.numel()) / float(scale.mean()))
         if delta.numel() >= SUBSAMPLE_MIN:  # search on every k-th entry first; the full vector then confirms
-            k = SUBSAMPLE_STRIDE
-            d_sub = delta[::k].contiguous()
-            r_sub, _ = residual_test(d_sub, u[::k].contiguous(), self.recon[::k].contiguous(), lambda st: self._spread(st, sub=True))
-            j = _search(r_sub, j, j_min, target * math.sqrt(d_sub.numel() / delta.numel()))
-        r_full, tried = residual_test(delta, u, self.recon, self._spread)
-        lo = _search(r_full, j, j_min, target)
-        if r_full(lo) > target:  # the target is out of reach (a clip binds): the closest we got
-            lo = min(tried, key=tried.__getitem__)
+            d_sub = delta[::SUBSAMPLE_STRIDE].contiguous()
+            limit = target * math.sqrt(d_sub.numel() / delta.numel())
+            j = _search(_Trials(d_sub, lambda st: self._spread(st, sub=True), steps_at, j_noclip, limit), j, j_min, limit)
+        trials = _Trials(delta, self._spread, steps_at, j_noclip, target)
+        _search(trials, j, j_min, target)
+        reachable = trials.best_j is not None
+        lo = trials.best_j if reachable else min(trials.r, key=trials.r.__getitem__)  # else a clip binds: the closest
+        e = torch.empty_like(delta)
+        while True:
+            trials.keep(lo)
+            torch.sub(u, torch.add(self.recon, trials.qv, out=e), out=e)  # the decoder's float32 sum, exactly
+            r = float(torch.dot(e, e)) ** 0.5
+            if r <= target or lo <= j_min or not reachable:
+                break
+            lo -= 1  # the trial met the target only within float32 rounding of the sum: one grid point finer
         self._j = lo
-        steps = steps_at(lo)
-        full = self._spread(steps)
-        qf = torch.div(delta, full).round_().clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE)
-        q, qv = qf.to(torch.int32), qf.mul_(full)  # what the trial at lo formed
-        self.last_residual = tried[lo] / step_norm if step_norm > 0 else None
-        return q, steps, qv
+        self.last_residual = r / step_norm if step_norm > 0 else None
+        return trials.q.to(torch.int32), steps_at(lo), trials.qv
 
     def _first_nonfinite(self, flat: torch.Tensor) -> str:
         bad = torch.nonzero(~torch.isfinite(flat))[0].item()
         return self.names[int(np.searchsorted(np.cumsum(self.sizes), bad, side="right"))]
+
+
+class _Trials:
+    """Quantizer trials on δ (or a subsample of it) at grid indices j, as ``_search`` asks for them:
+    r(j) = ‖δ − q⊙Δ‖ with q = round(x / κ_j), x = δ / √σ per entry. That is ‖u − (ũ + q⊙Δ)‖ up to
+    the float32 rounding of the sum, which the caller checks exactly on the choice. Keeps q and q⊙Δ
+    of the largest j whose r met ``limit`` (``best_j``); :meth:`keep` makes any j the kept one."""
+
+    def __init__(self, d: torch.Tensor, spread, steps_at, j_noclip: int, limit: float):
+        self.d, self.spread, self.steps_at, self.j_noclip, self.limit = d, spread, steps_at, j_noclip, limit
+        self.x = d / spread(steps_at(0))  # κ_0 = 1: the per-tensor √σ itself
+        self.r: dict[int, float] = {}
+        self.best_j: int | None = None
+        self.q, self.qv = torch.empty_like(d), torch.empty_like(d)  # the kept trial's
+        self._q, self._qv = torch.empty_like(d), torch.empty_like(d)  # scratch
+
+    def __call__(self, j: int) -> float:
+        if j not in self.r:
+            self._run(j)
+            if self.r[j] <= self.limit and (self.best_j is None or j > self.best_j):
+                self._take(j)
+        return self.r[j]
+
+    def keep(self, j: int) -> None:
+        if self.best_j != j:
+            self._run(j)
+            self._take(j)
+
+    def _run(self, j: int) -> None:
+        q, qv = self._q, self._qv
+        torch.mul(self.x, 1.0 / _GRID ** j, out=q).round_()  # any integer q decodes exactly; this one is nearest
+        if j < self.j_noclip:
+            q.clamp_(-MAX_MAGNITUDE, MAX_MAGNITUDE)
+        torch.mul(q, self.spread(self.steps_at(j)), out=qv)
+        self.r[j] = float(torch.dist(self.d, qv))
+
+    def _take(self, j: int) -> None:
+        self.best_j = j
+        self.q, self._q = self._q, self.q
+        self.qv, self._qv = self._qv, self.qv
 
 
 def apply_uniform(acc: np.ndarray, payloads: list[bytes], steps: list[np.ndarray], seg_offsets: np.ndarray | None) -> None:
