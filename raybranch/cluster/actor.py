@@ -64,7 +64,8 @@ from .service import (
     actor_name,
 )
 
-DEFAULT_MAX_PENDING = 4
+DEFAULT_MAX_PENDING = 16
+DEFAULT_BATCH = 8  # saves per actor call: Ray's cost per call shared (docs/BENCHMARKS.md: +74 % at 1, +32 % at 8)
 
 
 # -- the client --------------------------------------------------------------------------------
@@ -83,10 +84,12 @@ class AsyncCheckpointer:
     ``save`` copies the state into one CPU buffer (:func:`~raybranch.checkpoint.training_state.to_buffer`) and
     returns; a sender thread puts the buffer in the object store and calls the actor, so neither
     the ``ray.put`` nor the call is on the training path. At most ``max_pending`` saves are in
-    flight (packed, sent or being written); the next ``save`` waits for the oldest. ``batch`` > 1
-    sends saves ``batch`` at a time (one ``ray.put`` and one actor call for them all, which
-    divides Ray's fixed cost per call; a save then reaches the store up to ``batch`` − 1 steps
-    later); saves that queue up while the sender is busy are merged into one call anyway.
+    flight (packed, sent or being captured by the actor); the next ``save`` waits for the oldest.
+    Saves go ``batch`` at a time (default min(8, max_pending)): one ``ray.put`` and one actor call
+    for them all, which divides Ray's fixed cost per call (on LeNet-5, +74 % step time at batch 1,
+    +32 % at 8: docs/BENCHMARKS.md); a save then reaches the actor up to ``batch`` − 1 steps later,
+    and ``flush``/``close`` send what is waiting. Saves that queue up while the sender is busy are
+    merged into one call anyway.
 
     ``store`` is a URI (the actor opens it; nothing holding credentials is sent). Keyword
     arguments not named below go to the actor's :class:`~raybranch.Checkpointer` (codec, residual,
@@ -99,11 +102,13 @@ class AsyncCheckpointer:
 
     def __init__(self, store: str, run: str, branch: str = "main", *, max_pending: int = DEFAULT_MAX_PENDING,
                  retry: RetryPolicy | None = None, store_factory: Callable[[str], Store] | None = None,
-                 actor_options: dict | None = None, keep_records: int = 1000, batch: int = 1, **checkpointer_kwargs):
+                 actor_options: dict | None = None, keep_records: int = 1000, batch: int | None = None, **checkpointer_kwargs):
         if not isinstance(store, str):
             raise RaybranchError(f"AsyncCheckpointer takes a store URI, not {type(store).__name__}: the actor opens the store itself")
         if not isinstance(max_pending, int) or max_pending < 1:
             raise RaybranchError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if batch is None:
+            batch = min(DEFAULT_BATCH, max_pending)
         if not isinstance(batch, int) or not 1 <= batch <= max_pending:
             raise RaybranchError(f"batch must be an integer from 1 to max_pending ({max_pending}), got {batch!r}")
         if "device" in checkpointer_kwargs:

@@ -349,8 +349,8 @@ def test_bad_input_and_mismatched_settings(file_uri):
         AsyncCheckpointer(rb.open_store(file_uri), "r7")
     with pytest.raises(RaybranchError, match="max_pending must be a positive integer, got 0"):
         AsyncCheckpointer(file_uri, "r7", max_pending=0)
-    with pytest.raises(RaybranchError, match=r"batch must be an integer from 1 to max_pending \(4\), got 5"):
-        AsyncCheckpointer(file_uri, "r7", batch=5)
+    with pytest.raises(RaybranchError, match=r"batch must be an integer from 1 to max_pending \(16\), got 17"):
+        AsyncCheckpointer(file_uri, "r7", batch=17)
     with pytest.raises(RaybranchError, match="branch name 'a/b'"):
         AsyncCheckpointer(file_uri, "r7", "a/b")
     with pytest.raises(RaybranchError, match="attempts >= 1"):
