@@ -52,7 +52,7 @@ class RayJobConfig:
     use_gpu: bool | None = None        # None: whether the cluster has GPUs
     cpus_per_worker: float = 1.0
     max_failures: int = 1              # FailureConfig: worker-group restarts per branch
-    checkpointer: str = "sync"         # sync: Checkpointer in the worker | async: AsyncCheckpointer (checkpoint actor)
+    checkpointer: str = "sync"         # sync: Checkpointer in the worker (pipeline thread) | async: AsyncCheckpointer (checkpoint actor)
     parallel: bool = True              # main and clean at once (False: one after the other)
 
     def validate(self) -> None:

@@ -34,15 +34,14 @@ Ray's bookkeeping for a run (``<run>/_ray/<branch>/``: reported checkpoints, met
 the run's directory of the store; its bytes are left out of the run's compression figures
 (reported apart as ``ray_bytes``).
 
-Checkpointer in the worker (``RayJobConfig.checkpointer``): ``sync`` — a plain
-:class:`~raybranch.Checkpointer` encoding on the training thread (the default); ``async`` — the
-branch's :class:`~raybranch.cluster.actor.AsyncCheckpointer` (checkpoint actor). Measured with
-``python -m raybranch.bench.branches_parallel --quick --checkpointer sync|async`` on this 2-CPU
-machine (shared, load 3–6; store format v1, with the actor compacting in a background thread):
-main + clean at once took 25.3 s with ``sync`` and 29.0 s with
-``async`` (one after the other: 37.4 s and 41.0 s). With both CPUs busy training, the actors'
-encoding competes for the same two cores, so on CPU-only nodes ``sync`` is as fast or faster;
-``async`` is for GPU workers, whose step leaves the CPU idle.
+Checkpointer in the worker (``RayJobConfig.checkpointer``): ``sync`` (the default) — a plain
+:class:`~raybranch.Checkpointer` in the worker, whose pipeline thread encodes and group-commits
+behind the training thread; ``async`` — the branch's
+:class:`~raybranch.cluster.actor.AsyncCheckpointer` (checkpoint actor, the same pipeline in its
+own process). On CPU nodes ``sync`` costs less: LeNet-5 step +14–23 % against +32 % with the
+actor (``python -m raybranch.bench.step_overhead [--actor]``, docs/DECISIONS.md), since the actor
+copies the state once more and pays Ray per call. On GPU nodes neither has been measured yet;
+``sync`` stays the default there too.
 
 Scale. Each ``TorchTrainer`` costs ~10 s to start on 2 CPUs (controller, worker process,
 process group), so on the bundled digits the Ray run of ``jobs/configs/quick.yaml`` takes ~1 min
