@@ -17,12 +17,19 @@ named).
 
 The window: when no capture arrives, the thread wakes up when ``due_in()`` says the open group's
 time is up and calls ``on_idle()`` (the commit), so a paused loop does not hold saves back.
+
+At interpreter exit every pipeline still running is drained (its queue encoded, the open group
+committed), so a script that ends without ``close()`` loses nothing; a failure found then is a
+warning, there being no call left to raise it from.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import warnings
+import weakref
 from typing import Callable
 
 from ..errors import RaybranchError
@@ -62,6 +69,7 @@ class Pipeline:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
         try:
             self._q.put_nowait(item)
         except queue.Full:
@@ -98,6 +106,7 @@ class Pipeline:
             self._q.put(_STOP)
             self._thread.join()
             self._thread = None
+            _RUNNING.discard(self)
 
     # -- the thread -----------------------------------------------------------------------------
     def _run_guarded(self, fn: Callable[[], None], step: int | None) -> None:
@@ -136,6 +145,22 @@ class Pipeline:
                     self._run_guarded(lambda: self._process(item), self._step_of(item))
             finally:
                 self._release(item)
+
+
+_RUNNING: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for p in list(_RUNNING):
+        try:
+            p.wait(p._on_idle)
+            failure = p.take_failure()
+            p.close()
+        except Exception as exc:  # noqa: BLE001 - nothing to raise it to at exit
+            failure = (exc, None, [])
+        if failure is not None:
+            warnings.warn(f"raybranch: {p.name} at exit: {type(failure[0]).__name__}: {failure[0]}", RuntimeWarning, stacklevel=1)
 
 
 def describe_steps(steps: list[int]) -> str:

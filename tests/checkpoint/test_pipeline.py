@@ -298,3 +298,18 @@ def test_cuda_state_restores_the_reconstruction_bit_for_bit(file_uri):
         for n, t in recon_of(ckpt).items():
             assert torch.equal(restored[n].reshape(-1), t.cpu()), n
         ckpt.close()
+
+
+def test_a_script_that_ends_without_close_loses_nothing(tmp_path):
+    uri = "file://" + str(tmp_path / "e")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import raybranch as rb
+        from test_pipeline import walk
+        ckpt = rb.Checkpointer({uri!r}, "e", flush_every=100, flush_seconds=None)
+        for step, model, _ in walk(7):
+            ckpt.save(step, model)
+    """)  # no close(): the interpreter's exit drains the pipeline
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert [s for c in commits(rb.open_store(uri), "e") for s in c] == list(range(7))
