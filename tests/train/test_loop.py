@@ -206,6 +206,7 @@ def test_a_fenced_writer_cannot_train_into_the_branch(tmp_path):
     store = rb.open_store(tmp_path.as_uri())
     old = rb.Checkpointer(store, "r", "main", save_rng=False)
     old.save(0, m, opt)
+    old.flush()
     newer = rb.Checkpointer(store, "r", "main", save_rng=False)
     assert newer.acquire() > old.epoch
     with pytest.raises(FencedError, match="fenced"):
