@@ -150,7 +150,7 @@ class Checkpointer:
                                   step_of=lambda c: c.step, due_in=self._due_in, on_idle=self._commit_group,
                                   on_failure=self._reset_after_failure, release=Capture.release) if background else None
         self.timings = {"capture_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0, "compact_s": 0.0,
-                        "blocked_s": 0.0, "lossy_bytes": 0, "retries": 0}
+                        "blocked_s": 0.0, "lossy_bytes": 0, "retries": 0, "found_committed": 0}
 
     # -- public API ---------------------------------------------------------------------------
     def save(self, step: int, model, optimizer=None, extra: dict | None = None, *, slices=None, tags=None,
@@ -337,7 +337,9 @@ class Checkpointer:
         span = describe_steps(group.steps)
         seal_s = self.sealer.seconds
         try:
+            found = writer.found_committed
             commit_group(self.store, self.run, writer, group, self.retry, on_retry=self._count_retry)
+            self.timings["found_committed"] += writer.found_committed - found
         except RaybranchError as exc:
             if isinstance(exc, FencedError):  # stays fenced: only acquire() takes the branch back
                 self._fenced = f"{span} of branch {self.branch!r} not committed: {exc}"
@@ -376,7 +378,7 @@ class Checkpointer:
             return
         self._pipeline.wait()  # the captures queued behind the failure are dropped by now
         exc, step, dropped = self._pipeline.take_failure()
-        self._last_step = None
+        self._last_step = None if self._head is None else self._head["step"]  # None: the next save reloads the head
         lost, self._lost = self._lost, []
         raise failure_error(exc, step, f"branch {self.branch!r}", lost, dropped) from None
 

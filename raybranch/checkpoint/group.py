@@ -68,7 +68,8 @@ class OpenGroup:
 
 def commit_group(store: Store, run: str, writer: BranchWriter, group: OpenGroup, retry: RetryPolicy,
                  on_retry=lambda: None) -> None:
-    """Write the group's layouts and blob and commit its steps; store errors retried."""
+    """Write the group's layouts and blob and commit its steps; store errors retried
+    (``writer.found_committed`` counts the records an attempt had created already)."""
     steps = group.steps
     blob = write_blob(group.rows, {"run": run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]]})
     for attempt in range(1, retry.attempts + 1):

@@ -36,7 +36,7 @@ from ..errors import FencedError, RaybranchError, StoreError
 from ..ledger.records import check_name
 from ..store.store import Store, open_store
 
-TIMINGS = ("capture_s", "encode_s", "encode_cpu_s", "write_s", "compact_s", "retries")
+TIMINGS = ("capture_s", "encode_s", "encode_cpu_s", "write_s", "compact_s", "retries", "found_committed")
 
 
 class SaveSkippedError(RaybranchError):
@@ -73,7 +73,7 @@ class CheckpointService:
         self._ckpt: Checkpointer | None = None
         self._fenced: str | None = None  # why this actor may no longer write the branch
         self._failure: tuple[int, str] | None = None  # (step, message) of the save that failed
-        self.stats = {"saves": 0, "retries": 0, "found_committed": 0, "failed": 0, "skipped": 0, "writers": 0, "busy_s": 0.0}
+        self.stats = {"saves": 0, "retries": 0, "failed": 0, "skipped": 0, "writers": 0, "busy_s": 0.0}
         self._timings = dict.fromkeys(TIMINGS, 0.0)  # of the Checkpointers dropped so far
         self._cpu0 = time.process_time()  # cpu_s in get_stats: CPU time of the actor since it started
         Checkpointer(self.store, run, branch, retry=self.retry, **kwargs)  # bad settings fail here, at creation (no I/O)
@@ -88,7 +88,8 @@ class CheckpointService:
         if self._ckpt is not None:
             for k in TIMINGS:
                 timings[k] += self._ckpt.timings.get(k, 0.0)
-        return dict(self.stats, retries=self.stats["retries"] + int(timings["retries"]), cpu_s=time.process_time() - self._cpu0, timings=timings,
+        return dict(self.stats, retries=self.stats["retries"] + int(timings["retries"]),
+                    found_committed=int(timings["found_committed"]), cpu_s=time.process_time() - self._cpu0, timings=timings,
                     epoch=None if self._ckpt is None else self._ckpt.epoch, fenced=self._fenced)
 
     def _checkpointer(self) -> Checkpointer:

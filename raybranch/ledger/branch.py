@@ -244,6 +244,7 @@ class BranchWriter:
         self.log, self.epoch, self.writer_id = log, epoch, writer_id
         self.store, self.run, self.bid = log.store, log.run, log.bid
         self.commit_bytes = 0  # bytes of commit records written (metadata cost)
+        self.found_committed = 0  # commits an earlier attempt had created (its reply lost)
 
     @classmethod
     def register(cls, log: BranchLog, attempts: int = 20) -> "BranchWriter":
@@ -298,6 +299,7 @@ class BranchWriter:
             if not self._own_earlier_attempt(other, head, steps):
                 self._refuse(other, seq, steps)
             data, doc = raw, expand_steps(other)  # an attempt whose reply was lost created it
+            self.found_committed += 1
         self.commit_bytes += len(data)
         log.head = doc
         log._commits[seq] = doc

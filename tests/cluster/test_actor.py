@@ -435,7 +435,7 @@ def test_a_commit_whose_acknowledgement_was_lost_is_not_written_twice(file_uri):
     assert [o for o, _ in svc.save_many(bufs, items)] == ["ok"] * 4
     svc.flush()
     stats = svc.get_stats()
-    assert stats["retries"] == 1 and stats["writers"] == 1 and stats["failed"] == 0
+    assert stats["retries"] == 1 and stats["found_committed"] == 1 and stats["writers"] == 1 and stats["failed"] == 0
     epoch = svc._ckpt.epoch
     svc.close()
     # step 2 committed once, by the one writer, and the chain goes on after it
