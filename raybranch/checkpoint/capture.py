@@ -124,8 +124,8 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
     for g, names in c.groups.items():
         parts = [tensors[n].detach().reshape(-1) for n in names]
         src = parts[0].device
-        cuda |= src.type == "cuda"
         dst = device if device is not None else torch.device("cpu")
+        cuda |= src.type == "cuda" or dst.type == "cuda"  # a copy onto or off a GPU: the pipeline waits for its event
         buf = pool.take(g, sum(p.numel() for p in parts), dst, pinned=src.type == "cuda" and dst.type == "cpu")
         if src == dst and all(p.dtype == torch.float32 for p in parts):
             torch.cat(parts, out=buf)
