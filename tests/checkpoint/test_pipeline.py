@@ -169,7 +169,8 @@ def test_a_failed_group_is_raised_by_the_next_call_and_training_goes_on(tmp_path
         ckpt.save(step, model)
         if step == 6:
             break
-    time.sleep(0.2)
+    ckpt._pipeline.wait()  # the group's commit has failed behind the training thread by now
+    assert ckpt._pipeline.failed
     store.down = False
     step, model, _ = next(steps)
     with pytest.raises(StoreError, match=r"^steps 4\.\.6 of branch 'main' not committed: .*injected: the store is unreachable"):
