@@ -68,7 +68,6 @@ def recon_of(ckpt) -> dict[str, torch.Tensor]:
 def test_group_commits_follow_the_window_and_flush_makes_every_step_restorable(file_uri):
     store = rb.open_store(file_uri)
     ckpt = rb.Checkpointer(store, "g", flush_every=4, flush_seconds=None, key_every=6)
-    recon = {}
     for step, model, _ in walk(15):
         ckpt.save(step, model, tags=["mid"] if step == 9 else None)
         if step == 9:  # a tagged save returns committed
@@ -187,7 +186,6 @@ def test_a_failed_group_is_raised_by_the_next_call_and_training_goes_on(tmp_path
 
 
 def test_a_failure_drops_the_captures_queued_behind_it_and_names_them(tmp_path):
-    store = FailingBlobStore(parse_uri("file://" + str(tmp_path / "s")))
     gate = threading.Event()
 
     class GatedStore(FailingBlobStore):
