@@ -13,12 +13,12 @@ import random
 
 import pytest
 
-from raybranch.bench.faults import common, diskfull, fencing, flips, kills, outage
+from raybranch.bench.faults import common, diskfull, fencing, flips, kills, outage, spawn
 
 
 @pytest.fixture(scope="module")
 def forkserver(tmp_path_factory):
-    fs = common.ForkServer(str(tmp_path_factory.mktemp("writers")))
+    fs = spawn.ForkServer(str(tmp_path_factory.mktemp("writers")))
     yield fs
     fs.close()
 

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=out_stream, flush=True)
 
     from ...testing.seaweed import SeaweedServer
-    from . import common, diskfull, fencing, flips, kills, outage
+    from . import common, diskfull, fencing, flips, kills, outage, spawn
 
     workdir = a.workdir or tempfile.mkdtemp(prefix="rb-faults-")
     os.makedirs(workdir, exist_ok=True)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             common.set_s3_env(server)
         env = common.s3_env(server) if server else {}
         if {1, 3} & set(cases):
-            spawner = common.DirectSpawner(workdir) if a.no_forkserver else common.ForkServer(workdir)
+            spawner = spawn.DirectSpawner(workdir) if a.no_forkserver else spawn.ForkServer(workdir)
         for c in cases:
             t0 = time.monotonic()
             say(f"-- case {c} ({CASES[c]}) …")

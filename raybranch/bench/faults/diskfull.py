@@ -21,9 +21,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from .common import (
-    DirectSpawner, Trainer, ckpt_kwargs, committed_steps, kind_of, one_line, restore_all, verify_problems,
-)
+from .common import Trainer, ckpt_kwargs, committed_steps, kind_of, one_line, restore_all, verify_problems
+from .spawn import DirectSpawner
 
 RUN = "full"
 
@@ -38,7 +37,7 @@ def object_sizes(store) -> dict[str, int]:
 
 def run(workdir: str, limits: list[int] | None = None, log=print, spawner=None) -> dict:
     """``spawner``: None = a fresh interpreter per limit (RLIMIT_FSIZE set by preexec_fn), or a
-    :class:`~.common.ForkServer` (the limit set in the forked writer; faster)."""
+    :class:`~.spawn.ForkServer` (the limit set in the forked writer; faster)."""
     from ...checkpoint.checkpointer import Checkpointer
     from ...store.store import open_store
 

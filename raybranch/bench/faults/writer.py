@@ -189,7 +189,7 @@ def serve() -> int:
                     sys.stderr = os.fdopen(2, "w", buffering=1)
                     os.environ.update(req.get("env") or {})
                     if req.get("fsize") is not None:
-                        from .common import fsize_limit
+                        from .spawn import fsize_limit
 
                         fsize_limit(req["fsize"])()
                     code = run(req["spawn"])
