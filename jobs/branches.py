@@ -5,11 +5,12 @@ the poisoned slice (instant recovery, replay), the report.
     ray job submit --working-dir . -- python jobs/branches.py --config jobs/configs/quick.yaml [key=value ...]
 
 Without a cluster it runs on a local in-process Ray:  python jobs/branches.py --config jobs/configs/quick.yaml
-Keys: every field of ExperimentConfig (raybranch/branches/experiment.py) and RayJobConfig
-(raybranch/config.py), e.g. ``epochs=2 mechanisms=[lc] store=s3://bucket/runs out=/abs/dir``.
-Store: ``store=`` or $RAYBRANCH_STORE, else file://<out>/store. Writes report.json, report.md and
-plots to ``out`` (relative paths are taken from the job's working directory, a copy on the head
-node) and prints where.
+Keys: every field of ExperimentConfig and RayJobConfig
+(raybranch/config/classes.py), e.g. ``epochs=2 mechanisms=[lc] store=s3://bucket/runs out=/abs/dir``.
+Store: ``store=`` or $RAYBRANCH_STORE, else file://<out>/store. The reports land in the store
+(each run's under ``<run>/reports/``, the combined one under ``_reports/<name>/``) and in ``out``
+(relative paths are taken from the job's working directory, a copy on the head node that goes
+away with the job); it prints where.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import time
 
 import torch
 
-from raybranch.cluster.train import connect, run_on_ray, summary_lines
+from raybranch.branches.metrics import summary_lines
+from raybranch.cluster.train import connect, run_on_ray
 from raybranch.config import load_branches_config
 from raybranch.errors import RaybranchError
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(summary_lines(result)))
     print(f"store: {result['store']}")
     print(f"runs: {', '.join(r['run'] for r in result['mechanisms'].values())}")
-    print(f"report: {os.path.join(out, 'report.md')} (and report.json, plots) in {time.perf_counter() - t0:.1f} s")
+    print(f"report: {result['reports']['store'][0]} (and report.json, plots; copy in {out}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -1,5 +1,13 @@
-"""Bytes of an experiment's run: the ``torch.save`` baseline and what each branch is charged
-(the rule is in :mod:`raybranch.branches.experiment`'s docstring, "Byte attribution")."""
+"""Bytes of a run: the ``torch.save`` baseline and what each branch is charged.
+
+Byte attribution: a branch is charged its own ledger documents (its ref
+``refs/branches/<name>.json`` and everything under ``branches/<id>/``: branch.json, commits,
+pages, top.json) and the blobs its own checkpoints reference (a blob referenced more than once —
+the segment blob of a compacted page — is charged once, to the first branch named). History a
+fork shares stays with the branch that wrote it; a fork pays only its ref and its own commits.
+``checkpoints`` counts a branch's own checkpoints (the branch point is main's step 0); the
+``settle`` re-saves at slice ends (:mod:`raybranch.train.loop`) are counted apart.
+"""
 from __future__ import annotations
 
 import io
@@ -22,7 +30,7 @@ def torch_save_bytes(model: nn.Module) -> int:
 
 def attribute_bytes(store: Store, run: str, branches: list[str]) -> tuple[dict[str, dict], int, int]:
     """({branch: {"bytes_stored", "checkpoints", "settle_checkpoints"}}, shared bytes, total
-    bytes) — the rule is in :mod:`raybranch.branches.experiment`'s docstring."""
+    bytes under the run) — the rule is in the module docstring."""
     charged: set[str] = set()
     out = {}
     for b in branches:

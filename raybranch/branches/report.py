@@ -14,43 +14,9 @@ import json
 import math
 import os
 
-from .experiment import BRANCH_KEYS, RECOVERY_KEYS
+from .metrics import BRANCH_KEYS, RECOVERY_KEYS, targets
 
 PLOTS = ("accuracy_per_slice.png", "bytes_per_branch.png")
-
-
-def targets(result: dict) -> list[dict]:
-    """The issue's targets, measured: {"what", "value", "target", "met"} per line."""
-    out = []
-    mechs = result["mechanisms"]
-    lc = mechs.get("lc")
-    if lc:
-        m = lc["branches"]["main"]
-        gap = abs(m["acc_restored"] - m["acc_full"]) * 100
-        out.append({"what": "LC main: acc gap restored vs full, absolute (pp)", "value": gap, "target": "≤ 0.1", "met": gap <= 0.1 + 1e-9})
-        out.append({"what": "LC main: compression ratio (×)", "value": m["compression_ratio"], "target": "≥ 50", "met": m["compression_ratio"] >= 50})
-    dl = mechs.get("lc+dlora")
-    if dl:
-        m = dl["branches"]["main"]
-        gap = (m["acc_full"] - m["acc_restored"]) * 100
-        out.append({"what": "LC+dLoRA main: acc full − restored (pp)", "value": gap, "target": "≤ 1", "met": gap <= 1 + 1e-9})
-        out.append({"what": "LC+dLoRA main: compression ratio (×)", "value": m["compression_ratio"], "target": "≥ 100", "met": m["compression_ratio"] >= 100})
-    for name, r in mechs.items():
-        rec = r.get("recovery")
-        if not rec:
-            continue
-        clean_asr = r["branches"]["clean"]["attack_success_rate"]
-        if rec["asr_after"] is not None and clean_asr is not None:
-            d = (rec["asr_after"] - clean_asr) * 100
-            out.append({"what": f"{name}: ASR after replay − clean's (pp)", "value": d, "target": "≤ 2", "met": d <= 2 + 1e-9})
-        d = abs(rec["acc_replay"] - rec["acc_oracle"]) * 100
-        out.append({"what": f"{name}: acc gap replay vs oracle, absolute (pp)", "value": d, "target": "≤ 0.5", "met": d <= 0.5 + 1e-9})
-        share = 100 * rec["instant_seconds"] / rec["retrain_from_scratch_seconds"]
-        out.append({"what": f"{name}: instant recovery / retrain time, wall (%)", "value": share, "target": "≤ 1", "met": share <= 1})
-        if rec.get("retrain_from_scratch_cpu_seconds"):
-            share = 100 * rec["instant_cpu_seconds"] / rec["retrain_from_scratch_cpu_seconds"]
-            out.append({"what": f"{name}: instant recovery / retrain time, process CPU (%)", "value": share, "target": "≤ 1", "met": share <= 1})
-    return out
 
 
 def _pct(x) -> str:

@@ -60,7 +60,8 @@ from .layout import LayoutRules
 from .pipeline import Pipeline, describe_steps, failure_error
 from .restore import Reader
 from .training_state import TrainingState, collect
-from .writer import LapsedWriterFenced, acquire_writer
+from ..errors import LapsedWriterFenced
+from .writer import acquire_writer
 
 DEFAULT_KEY_EVERY = 256  # deltas between key frames (docs/DECISIONS.md: the ratio/restore frontier)
 DEFAULT_FLUSH_EVERY = 64  # steps per group commit (docs/DECISIONS.md: the durability window)

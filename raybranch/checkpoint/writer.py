@@ -2,15 +2,12 @@
 epoch held before a failed commit (:mod:`raybranch.ledger` has the fencing rules)."""
 from __future__ import annotations
 
-from ..errors import ConflictError, FencedError
+from ..errors import ConflictError, FencedError, LapsedWriterFenced
 from ..ledger.branch import BranchLog, BranchWriter
 from ..ledger.lineage import create_branch
 from ..ledger.refs import read_branch_ref
 from ..store.store import Store
 
-
-class LapsedWriterFenced(FencedError):
-    """A newer writer registered while this one's commit failed: it stays fenced."""
 
 
 def acquire_writer(store: Store, run: str, branch: str, page_size: int, lapsed: tuple | None) -> BranchWriter:

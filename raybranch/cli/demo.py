@@ -1,9 +1,13 @@
 """``raybranch demo --out DIR [--store URI] [--quick] [--seed N]``: the offline demo.
 
 LeNet-5 on scikit-learn's digits, 4×25 % slices, a backdoor in slice 3 (slices count from 1, as
-``raybranch restore --before-slice K`` does), the LC and LC + Delta-LoRA mechanisms, main and
-clean branches, quarantine of slice 3 with instant recovery and replay, the oracle and plain
-full training. Writes DIR/report.json, DIR/report.md and PNG plots; progress goes to stderr.
+``raybranch restore --before-slice K`` does), the LC and LC + Delta-LoRA mechanisms: per
+mechanism a run in the store driven by the same operations as ``raybranch init``, ``train``,
+``mark`` and ``quarantine`` (:mod:`raybranch.runs.experiment`) — slices 1–4 arrive one by one,
+slice 3 is marked poisoned after slice 4 has trained, then quarantined (instant recovery and
+replay) — and each run's report with the oracle and plain full training. Writes the combined
+report (report.json, report.md, PNG plots) to DIR and to the store's ``_reports/<name>/``;
+progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -51,7 +55,9 @@ class _Bar:
 def run_demo(args) -> int:
     import torch
 
-    from ..branches.experiment import ExperimentConfig, Hooks, run_experiment
+    from ..branches.data import Hooks
+    from ..config.classes import ExperimentConfig
+    from ..runs.experiment import run_experiment
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -61,10 +67,11 @@ def run_demo(args) -> int:
     bar = _Bar()
     t0 = time.perf_counter()
     try:
-        run_experiment(cfg, store, str(out), Hooks(phase=bar.phase, step=bar.step, log=bar.log))
+        result = run_experiment(cfg, store, str(out), Hooks(phase=bar.phase, step=bar.step, log=bar.log))
     finally:
         bar.close()
     print(f"report: {out / 'report.md'} (and report.json, plots) in {time.perf_counter() - t0:.1f} s; store {store}")
+    print(f"runs: {', '.join(result['runs'])}; in the store: {result['reports']['store'][0].rsplit('/', 1)[0]}/")
     return 0
 
 

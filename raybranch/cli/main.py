@@ -1,4 +1,5 @@
-"""The ``raybranch`` command line: log, restore, verify, bench, demo, sweep."""
+"""The ``raybranch`` command line: runs, branches, init, train, mark, quarantine, report, log, restore,
+verify, gc, branch, bench, demo, sweep."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import sys
 
 from ..errors import RaybranchError
 from .demo import add_parser as add_demo_parser
+from .run_cmds import add_parsers as add_run_parsers
 from .store_cmds import add_parsers as add_store_parsers
 from .sweep import add_parser as add_sweep_parser
 
@@ -98,6 +100,7 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raybranch", description="Compressed per-step checkpoints and branch rollback.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    add_run_parsers(sub)
 
     s = sub.add_parser("log", help="list the committed checkpoints of a run", description="List every committed checkpoint of a run (or one branch).")
     s.add_argument("--store", required=True, help="store URI: file:///path or s3://bucket/prefix?endpoint_override=...")

@@ -32,19 +32,13 @@ import torch
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.group import RetryPolicy
 from ..checkpoint.training_state import from_buffer
-from ..errors import FencedError, RaybranchError, StoreError
+from ..errors import CheckpointActorError, FencedError, SaveSkippedError, StoreError
 from ..ledger.records import check_name
 from ..store.store import Store, open_store
 
 TIMINGS = ("capture_s", "encode_s", "encode_cpu_s", "write_s", "compact_s", "retries", "found_committed")
 
 
-class SaveSkippedError(RaybranchError):
-    """A save the actor refused because an earlier save of the branch failed."""
-
-
-class CheckpointActorError(RaybranchError):
-    """The checkpoint actor died or could not be reached."""
 
 
 def actor_name(run: str, branch: str) -> str:

@@ -6,11 +6,12 @@ Grid (:func:`trial_grid`): every combination of the config's ``splits``, ``bits`
 ``snapshot_every`` and ``mechanisms``, and for ``lc+dlora`` every ``ranks`` value (``lc`` has no
 rank: with ``dedupe_lc`` it runs once per combination, shown with rank "–").
 
-A trial (:func:`sweep_trial`, a Tune function trainable with ``cpus_per_trial`` CPUs) builds the
-experiment from the base ``experiment`` keys plus its own, with no poison, trains the branch point
-and then ``main`` on every slice of its split with a checkpoint every step, in a run of its own:
-``<name>-<trial tag>`` in the store. After each slice it reports ``data_percent`` (share of the
-slices trained, %) and ``acc`` (test accuracy of the live model); the last report adds
+A trial (:func:`sweep_trial`, a Tune function trainable with ``cpus_per_trial`` CPUs) is a run in
+the store, ``<name>-<trial tag>`` (run.json from the base ``experiment`` keys plus its own, no
+poison): ``init`` trains the branch point, then ``main`` trains every slice of its split as it
+arrives, a checkpoint every step (:mod:`raybranch.runs.ops`). After each slice it reports
+``data_percent`` (share of the slices trained, %) and ``acc`` (test accuracy of main's head
+restored from the store); the last report adds
 
     compression_ratio = checkpoints × bytes(torch.save(state_dict)) ÷ bytes stored for main
     space_savings     = 1 − bytes stored ÷ (checkpoints × bytes(torch.save(state_dict)))
@@ -23,12 +24,12 @@ say so.
 
 Output (:func:`write_results`): ``results.csv`` and ``results.md`` (split | rank | bits | snapshot
 | mechanism | compression ratio | space savings | final accuracy restored / full) and
-``ratio_vs_accuracy.png`` (compression ratio, log scale, against restored accuracy). Tune's own
-records go to ``<store>/<name>/_ray/tune``.
+``ratio_vs_accuracy.png`` (compression ratio, log scale, against restored accuracy), in the
+output directory and in the store under ``_reports/<name>/``. Tune's own records go to
+``<store>/<name>/_ray/tune``.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import os
@@ -36,15 +37,16 @@ import time
 
 import ray
 
-from ..branches.experiment import Experiment, ExperimentConfig, attribute_bytes, prepare_data, torch_save_bytes
-from ..branches.slices import BRANCH_POINT_TAG
-from ..checkpoint.checkpointer import DEFAULT_KEY_EVERY, Checkpointer
-from ..config import SweepConfig
+from ..branches.accounting import attribute_bytes, torch_save_bytes
+from ..checkpoint.checkpointer import DEFAULT_KEY_EVERY
+from ..config.classes import ExperimentConfig, SweepConfig
 from ..errors import RaybranchError
+from ..runs.baselines import train_branch_point, train_plain
+from ..runs.context import RunContext
+from ..runs.ops import MAIN, init_run, train_slice
+from ..runs.reports import shared_reports, upload_dir
 from ..store.store import open_store
-from ..train.loop import checkpoint_state
 from .pointers import ray_storage
-from .train import experiment_config
 
 RESULT_FILES = ("results.csv", "results.md", "ratio_vs_accuracy.png")
 CSV_COLUMNS = ("split", "rank", "bits", "snapshot_every", "mechanism", "compression_ratio", "space_savings",
@@ -77,7 +79,7 @@ def trial_config(base: dict, p: dict, name: str) -> ExperimentConfig:
          "mechanisms": [p["mechanism"]], "poison": "none", "name": f"{name}-{trial_tag(p)}"}
     if p["rank"] is not None:
         d["lora_rank"] = p["rank"]
-    cfg = experiment_config(d)
+    cfg = ExperimentConfig.from_dict(d)
     cfg.validate()
     return cfg
 
@@ -87,23 +89,17 @@ def full_training(base: dict, split: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    cfg = experiment_config({**base, "split": split, "poison": "none"})
-    exp = Experiment(cfg, _NullStore())
-    exp.data = prepare_data(cfg)
-    bp, _ = exp.branch_point()
-    n = len(exp.data.slices)
-    r = exp.plain(bp, list(range(1, n + 1)), False, "full")
+    cfg = ExperimentConfig.from_dict({**base, "split": split, "poison": "none"})
+    ctx = RunContext.for_config(None, "full", cfg, "lc")  # plain training never touches a store
+    bp, _ = train_branch_point(ctx)
+    n = len(ctx.data.slices)
+    r = train_plain(ctx, bp, list(range(1, n + 1)), n, False, "full")
     return {"acc": r["acc"], "per_slice_acc": r["per_slice_acc"], "seconds": r["seconds"]}
 
 
-class _NullStore:
-    """Experiment wants a store; plain training never touches it."""
-
-    uri = "none://"
-
-
 def sweep_trial(config: dict) -> None:
-    """The Tune trainable: train main of one trial's configuration, report per slice (see module docstring)."""
+    """The Tune trainable: one trial's run in the store — init, then main trains every slice as it
+    arrives (the run operations, in this process) — reporting after each slice."""
     import torch
     from ray import tune
 
@@ -112,36 +108,25 @@ def sweep_trial(config: dict) -> None:
     cfg = trial_config(config["base"], p, config["name"])
     run = cfg.name
     store = open_store(config["store"])
-    exp = Experiment(cfg, store)
-    exp.data = prepare_data(cfg)
-    bp, _ = exp.branch_point()
-    lora = p["mechanism"] == "lc+dlora"
-    merge = cfg.lora_merge if lora else "none"
-    template = exp.with_lora(bp) if lora else copy.deepcopy(bp)
-    ts_bytes = torch_save_bytes(template)
-    if store.list(run, recursive=True):  # a trial restarted by Tune: start its run again
+    if store.list(run, recursive=True):  # a trial restarted by Tune: start its run again (ASHA saw its reports)
         for info in store.list(run, recursive=True):
             store.delete(info.rel)
-    ck = Checkpointer(store, run, "main", **cfg.checkpointer_kwargs())
-    model = copy.deepcopy(template)
-    opt = exp.optimizer(model, lora)
-    state, extra = checkpoint_state(model, lora)
-    ck.save(0, state, opt, extra, tags=[BRANCH_POINT_TAG])
-    n = len(exp.data.slices)
-    step, t0 = 0, time.perf_counter()
+    init_run(store, run, cfg, p["mechanism"])
+    ctx = RunContext(store, run)
+    ts_bytes = torch_save_bytes(ctx.template())
+    n = ctx.spec.n_dataset_slices
+    t0 = time.perf_counter()
     full = config["acc_full"][p["split"]]
     for k in range(1, n + 1):
-        step = exp.train(model, opt, k, ck, step, merge, end_snapshot=cfg.exact_slice_end(p["mechanism"], "main")).last_step
-        metrics = {"data_percent": 100.0 * k / n, "slice": k, "acc": exp.acc(model), "step": step}
+        out = train_slice(store, run, k)
+        metrics = {"data_percent": 100.0 * k / n, "slice": k, "acc": ctx.acc(ctx.restored(MAIN)), "step": out["heads"][MAIN]}
         if k == n:
-            ck.close()
-            a = attribute_bytes(store, run, ["main"])[0]["main"]
-            restored = exp.restored(template, ck, None)
+            a = attribute_bytes(store, run, [MAIN])[0][MAIN]
             metrics.update(
                 compression_ratio=a["checkpoints"] * ts_bytes / a["bytes_stored"],
                 space_savings=1.0 - a["bytes_stored"] / (a["checkpoints"] * ts_bytes),
                 checkpoints=a["checkpoints"], bytes_stored=a["bytes_stored"],
-                acc_restored=exp.acc(restored), acc_full=full["acc"], train_seconds=time.perf_counter() - t0,
+                acc_restored=metrics["acc"], acc_full=full["acc"], train_seconds=time.perf_counter() - t0,
             )
         tune.report(metrics)
 
@@ -204,6 +189,8 @@ def run_sweep(sweep: SweepConfig, store_uri: str | None = None, out_dir: str | N
     order = {s: i for i, s in enumerate(sweep.splits)}
     rows.sort(key=lambda r: (order[r["split"]], r["bits"], r["snapshot_every"] or 0, r["mechanism"] != "lc", r["rank"] or 0))
     files = write_results(rows, out_dir, sweep)
+    files["store"] = store.path(shared_reports(sweep.name))
+    upload_dir(store, shared_reports(sweep.name), out_dir)
     seconds = time.perf_counter() - t0
     log(f"sweep {sweep.name}: {len(rows)} rows in {seconds:.1f} s → " + ", ".join(files.values()))
     return {"rows": rows, "files": files, "seconds": seconds, "store": uri, "acc_full": acc_full}

@@ -1,7 +1,7 @@
 """Data sets as tensors (``load_dataset``) and stratified training slices (``make_slices``)."""
 from .arrays import ArrayDataset
 from .datasets import DATASET_NAMES, DatasetMeta, load_dataset, resize_uint8
-from .errors import DataError, DatasetNotFoundError
+from ..errors import DataError, DatasetNotFoundError
 from .slicing import SPLIT_SPECS, make_slices, split_spec
 
 __all__ = [

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .arrays import ArrayDataset
-from .errors import DataError, DatasetNotFoundError
+from ..errors import DataError, DatasetNotFoundError
 
 DATASET_NAMES = ("digits", "mnist", "cifar10", "stanford-cars", "imagefolder:<path>")
 DEFAULT_DATA_DIR = os.environ.get("RAYBRANCH_DATA_DIR", "data")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 SPLIT_SPECS = ("4x25", "20x5", "80x1.25", "70/10/10/10")
 _REPEAT = re.compile(r"^\s*(\d+)\s*[x×*]\s*(\d+(?:\.\d*)?|\.\d+)\s*%?\s*$")

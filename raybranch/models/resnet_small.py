@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ModelConfigError
+from ..errors import ModelConfigError
 
 
 class BasicBlock(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ModelConfigError
+from ..errors import ModelConfigError
 
 
 def _pooled(size: int, n_pools: int, ceil: bool = False) -> int:

@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torchvision.models import vision_transformer as tv_vit
 
-from .errors import ModelConfigError, WeightsNotFoundError
+from ..errors import ModelConfigError, WeightsNotFoundError
 from .resnet_small import ResNetSmall
 from .small import AlexNetSmall, LeNet5, LeNet5Tanh, VGG16Small
 

@@ -19,13 +19,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from raybranch.errors import RaybranchError
+from ..errors import PoisonConfigError
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
-
-class PoisonConfigError(RaybranchError, ValueError):
-    """A bad fraction, rate, mapping, trigger size/position or target class."""
 
 
 def _choose(indices: torch.Tensor, share: float, seed: int, what: str) -> torch.Tensor:

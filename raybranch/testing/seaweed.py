@@ -47,7 +47,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from raybranch.errors import RaybranchError
+from ..errors import SeaweedError
 
 DEFAULT_ACCESS_KEY = "raybranch"
 DEFAULT_SECRET_KEY = "raybranch-secret"
@@ -69,9 +69,6 @@ _ports_handed_out: set[int] = set()
 _ports_lock = threading.Lock()
 _live_servers: "weakref.WeakSet[SeaweedServer]" = weakref.WeakSet()
 
-
-class SeaweedError(RaybranchError, RuntimeError):
-    """The SeaweedFS server could not be found, started or reached."""
 
 
 def find_weed_binary() -> str:

@@ -64,15 +64,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.checkpointer import Checkpointer
-from ..errors import NonFiniteError, RaybranchError
+from ..errors import NonFiniteError, NonFiniteLossError, RaybranchError
 from ..lora import delta_lora_layers, delta_lora_step, load_lora_state, lora_anchor, lora_state
 
 NAN_POLICIES = ("rollback", "raise")
 SETTLE_TAG = "settle"
 
-
-class NonFiniteLossError(RaybranchError, FloatingPointError):
-    """A NaN/Inf loss under ``nan_policy="raise"``, or too many rollbacks in one slice."""
 
 
 @dataclass

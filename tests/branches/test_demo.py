@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from raybranch.branches.experiment import BRANCH_KEYS, RECOVERY_KEYS
+from raybranch.branches.metrics import BRANCH_KEYS, RECOVERY_KEYS
 from raybranch.branches.report import PLOTS
 from raybranch.cli.main import build_parser
 from raybranch.cli.main import main as cli_main

@@ -1,6 +1,6 @@
 """Job submission end to end: a real local Ray head (its own temp dir and free loopback ports), a
-real S3 store (SeaweedFS), ``ray job submit --working-dir . -- python jobs/branches.py ...``, then
-``raybranch restore`` from S3 in a separate process where ``import ray`` fails."""
+real S3 store (SeaweedFS), the run workflow as one ``ray job submit -- raybranch <command> ...``
+per command, then ``raybranch restore`` from S3 in a separate process where ``import ray`` fails."""
 from __future__ import annotations
 
 import json
@@ -140,55 +140,73 @@ def head(s3_env):
     assert [p for p in h.pids() if _alive(p)] == []
 
 
-def test_job_submit_to_local_head_with_s3_store_then_restore_without_ray(tmp_path, s3_env, head):
+def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(tmp_path, s3_env, head):
+    """init, slices 1–4 arriving one by one, slice 3 marked poisoned after slice 4, quarantine: each
+    command a `ray job submit -- raybranch …` (train 4 and quarantine on Ray Train workers)."""
     env, uri = s3_env
-    out = tmp_path / "out"
-    entry = ["python", "jobs/branches.py", "--config", "jobs/configs/quick.yaml", f"store={uri}", f"out={out}",
-             "name=job", "mechanisms=[lc]", "epochs=2", "patience=0", "branch_point_max_epochs=3", "settle=1"]
-    t0 = time.perf_counter()
-    address, job_id = f"http://127.0.0.1:{head.dashboard}", f"raybranch-test-{uuid.uuid4().hex[:8]}"
-    sub = subprocess.run(  # waits for the job and follows its logs
-        [*RAY_CLI, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", job_id,
-         "--", *entry],  # ray quotes each argument for the shell
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
-    )
-    logs = sub.stdout + sub.stderr
-    assert sub.returncode == 0, logs[-6000:]
-    status = subprocess.run([*RAY_CLI, "job", "status", "--address", address, job_id],
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr  # status SUCCEEDED
-    assert f"report: {out / 'report.md'}" in logs
-    report = json.loads((out / "report.json").read_text())
-    lc = report["mechanisms"]["lc"]
-    assert report["store"].startswith("s3://")
-    assert set(lc["branches"]) == {"main", "clean", "replay"}
-    assert lc["ray"]["branches"]["main"]["path"].endswith("job-lc/_ray/main")
-    print(f"job ran in {time.perf_counter() - t0:.1f} s")
+    address = f"http://127.0.0.1:{head.dashboard}"
+    s = ["--store", uri, "--run", "job"]
 
-    # the store is on S3: restore clean's head in a process that cannot import Ray
-    target = tmp_path / "clean.safetensors"
+    def submit(*argv: str) -> str:
+        job_id = f"raybranch-test-{uuid.uuid4().hex[:8]}"
+        sub = subprocess.run(  # waits for the job and follows its logs
+            [*RAY_CLI, "job", "submit", "--address", address, "--working-dir", str(tmp_path / "wd"), "--submission-id", job_id,
+             "--", "raybranch", *argv],  # ray quotes each argument for the shell
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        logs = sub.stdout + sub.stderr
+        assert sub.returncode == 0, logs[-6000:]
+        return logs
+
+    (tmp_path / "wd").mkdir()
+    t0 = time.perf_counter()
+    submit("init", *s, "--config", str(ROOT / "jobs/configs/quick.yaml"), "mechanisms=[lc]", "epochs=1", "patience=0",
+           "branch_point_max_epochs=3")
+    for k in (1, 2, 3, 4):
+        logs = submit("train", *s, "--slice", str(k), *(["--ray"] if k == 4 else []))
+        assert f"main trained slice(s) {k} ({'ray' if k == 4 else 'local'}" in logs
+        if k != 3:
+            submit("mark", *s, "--slice", str(k), "--verified")
+    submit("mark", *s, "--slice", "3", "--poisoned")
+    logs = submit("quarantine", *s, "--slice", "3", "--ray")
+    assert "instant recovery: served → job/clean/" in logs and "it is now main" in logs
+    print(f"workflow as jobs in {time.perf_counter() - t0:.1f} s")
+
+    # every report sits in the store (S3), and the Ray runs' bookkeeping too
+    store = rb.open_store(uri)
+    names = {i.base_name for i in store.list("job/reports")}
+    assert {"report.json", "report.md", "accuracy_per_slice.png", "bytes_per_branch.png"} <= names
+    report = json.loads(store.read_bytes("job/reports/report.json"))
+    lc = report["mechanisms"]["lc"]
+    rec = lc["recovery"]
+    assert set(lc["branches"]) == {"main", "clean", "replay"}
+    assert rec["acc_replay"] == rec["acc_oracle"] and rec["asr_after"] <= lc["branches"]["clean"]["attack_success_rate"] + 0.02
+    assert any(i.rel.startswith("job/_ray/") for i in store.list("job/_ray", recursive=True))
+    assert [r["run"] for r in json.loads(subprocess.run(["raybranch", "runs", "--store", uri, "--json"], env=env,
+                                                        capture_output=True, text=True, timeout=120, check=True).stdout)] == ["job"]
+
+    # the store is on S3: restore the served model in a process that cannot import Ray
+    target = tmp_path / "served.safetensors"
     restore_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
     r = subprocess.run(
-        [sys.executable, "-c", NO_RAY_RESTORE, "restore", "--store", uri, "--run", "job-lc", "--branch", "clean",
-         "--output", str(target)],
+        [sys.executable, "-c", NO_RAY_RESTORE, "restore", "--store", uri, "--run", "job", "--branch", "clean",
+         "--step", str(rec["served"]["step"]), "--output", str(target)],
         cwd=tmp_path, env=restore_env, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.startswith("restored job-lc/clean/")
+    assert r.stdout.startswith("restored job/clean/")
     tensors = load_file(str(target))
-    store = rb.open_store(uri)
-    want = rb.Reader(store, "job-lc").restore("clean")
+    want = rb.Reader(store, "job").restore("clean", rec["served"]["step"])
     assert set(tensors) == set(want["model"])
     for k, v in want["model"].items():
         assert torch.equal(tensors[k], v), k
-    # the clean model restored from S3 is the one the report measured
-    from raybranch.branches.experiment import ExperimentConfig, prepare_data
-    from raybranch.models import build_model
+    # the served model restored from S3 is the one the report measured
+    from raybranch.runs.context import RunContext
     from raybranch.train.loop import evaluate_accuracy
 
-    data = prepare_data(ExperimentConfig())
-    model = build_model("lenet5", data.meta.num_classes, data.meta.in_channels, data.meta.image_size)
+    ctx = RunContext(store, "job")
+    model = ctx.base_model()
     model.load_state_dict(tensors)
-    assert evaluate_accuracy(model, *data.test) == pytest.approx(lc["branches"]["clean"]["acc_restored"])
-    rep = verify_store(store, "job-lc")
+    assert evaluate_accuracy(model, *ctx.data.test) == pytest.approx(rec["acc_instant"])
+    rep = verify_store(store, "job")
     assert rep.problems == [] and rep.counts["steps"] > 0

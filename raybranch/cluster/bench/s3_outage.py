@@ -1,7 +1,7 @@
 """The S3 server stopped for 10 s in the middle of a run: no committed checkpoint lost, training
 finishes, every checkpoint verifies.
 
-    python -m raybranch.bench.s3_outage [--steps 400] [--outage-at 120] [--outage-s 10] [--json]
+    python -m raybranch.cluster.bench.s3_outage [--steps 400] [--outage-at 120] [--outage-s 10] [--json]
 
 A real S3 server (SeaweedFS on loopback, :class:`~raybranch.testing.seaweed.SeaweedServer`, its own
 temporary data dir) and a local Ray (2 CPUs). LeNet-5 trains on digits (SGD lr 0.01 momentum 0.9,
@@ -49,14 +49,14 @@ def run(steps: int = 400, outage_at: int = 120, outage_s: float = 10.0, max_pend
     import torch
     import torch.nn.functional as F
 
-    from ..cluster.actor import AsyncCheckpointer, RetryPolicy
-    from ..data import load_dataset
-    from ..ledger.lineage import Lineage
-    from ..ledger.verify import verify_store
-    from ..models import build_model
-    from ..store.store import open_store
-    from ..testing.seaweed import SeaweedServer
-    from ..train.loop import evaluate_accuracy
+    from ..actor import AsyncCheckpointer, RetryPolicy
+    from ...data import load_dataset
+    from ...ledger.lineage import Lineage
+    from ...ledger.verify import verify_store
+    from ...models import build_model
+    from ...store.store import open_store
+    from ...testing.seaweed import SeaweedServer
+    from ...train.loop import evaluate_accuracy
 
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="raybranch-s3-outage-")
@@ -165,7 +165,7 @@ def run(steps: int = 400, outage_at: int = 120, outage_s: float = 10.0, max_pend
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raybranch.bench.s3_outage", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m raybranch.cluster.bench.s3_outage", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--outage-at", type=int, default=120, help="kill S3 after this step")
     p.add_argument("--outage-s", type=float, default=10.0, help="seconds S3 stays down before it is restarted")

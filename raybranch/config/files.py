@@ -4,7 +4,7 @@ style), coerced to the types of the dataclasses they fill.
     cfg, job = load_branches_config("jobs/configs/quick.yaml", ["epochs=2", "store=s3://b/p"])
     sweep = load_sweep_config("jobs/configs/sweep-quick.yaml", ["ranks=[1,2]"])
 
-A branches config fills two dataclasses: :class:`~raybranch.branches.experiment.ExperimentConfig`
+A branches config fills two dataclasses (:mod:`.classes`): :class:`~.classes.ExperimentConfig`
 (every knob of the experiment) and :class:`RayJobConfig` (where it runs and writes: ``store``,
 ``out``, Ray Train settings). A sweep config fills :class:`SweepConfig`, whose ``experiment``
 mapping holds the ExperimentConfig keys every trial starts from. Keys are the dataclass field
@@ -24,99 +24,13 @@ import difflib
 import os
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .branches.experiment import ExperimentConfig
-from .errors import RaybranchError
-
-CHECKPOINTERS = ("sync", "async")
-SCHEDULERS = ("none", "asha")
-
-
-class ConfigError(RaybranchError, ValueError):
-    """A config file or override that names an unknown key or holds a value of the wrong type."""
-
-
-@dataclass
-class RayJobConfig:
-    """Where a branching job runs and writes (the keys of a branches config that are not the
-    experiment's)."""
-
-    store: str | None = None           # checkpoint store URI; None: $RAYBRANCH_STORE, else file://<out>/store
-    out: str = "out/branches"          # report directory (report.json, report.md, plots), on the driver's node
-    num_workers: int = 1               # Ray Train workers per branch (1: data-parallel branches are not implemented)
-    use_gpu: bool | None = None        # None: whether the cluster has GPUs
-    cpus_per_worker: float = 1.0
-    max_failures: int = 1              # FailureConfig: worker-group restarts per branch
-    checkpointer: str = "sync"         # sync: Checkpointer in the worker (pipeline thread) | async: AsyncCheckpointer (checkpoint actor)
-    parallel: bool = True              # main and clean at once (False: one after the other)
-
-    def validate(self) -> None:
-        if self.num_workers != 1:
-            raise ConfigError(f"num_workers must be 1 (one Ray Train worker per branch; data-parallel branches are not implemented), got {self.num_workers}")
-        if self.max_failures < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError(f"max_failures must be ≥ 0 and cpus_per_worker > 0, got {self.max_failures}, {self.cpus_per_worker}")
-        if self.checkpointer not in CHECKPOINTERS:
-            raise ConfigError(f"checkpointer must be one of {CHECKPOINTERS}, got {self.checkpointer!r}")
-
-
-@dataclass
-class SweepConfig:
-    """A Ray Tune grid over split × LoRA rank × bits × snapshot policy × mechanism.
-
-    Each trial trains ``main`` (no poison) of one mechanism from the branch point on the split's
-    slices, in a run of its own (``<name>-<trial tag>``). ``lc`` does not depend on the LoRA
-    rank: with ``dedupe_lc`` it runs once per (split, bits, snapshot) instead of once per rank.
-    """
-
-    name: str = "sweep"
-    store: str | None = None             # None: $RAYBRANCH_STORE, else file://<out>/store
-    out: str = "out/sweep"               # results.csv, results.md, ratio_vs_accuracy.png
-    splits: tuple[str, ...] = ("4x25", "20x5", "80x1.25", "70/10/10/10")
-    ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    bits: tuple[int, ...] = (3,)
-    snapshot_every: tuple[int | None, ...] = (None,)  # exact key frame every N checkpoints (None: the Checkpointer default)
-    mechanisms: tuple[str, ...] = ("lc", "lc+dlora")
-    dedupe_lc: bool = True
-    scheduler: str = "none"              # none | asha (stops trials whose accuracy lags, by share of data trained)
-    asha_grace_percent: float = 25.0     # ASHA: no trial stops before this share (%) of its slices
-    asha_reduction_factor: float = 2.0
-    max_concurrent: int = 2              # trials at once
-    cpus_per_trial: float = 1.0
-    experiment: dict = dataclasses.field(default_factory=dict)  # ExperimentConfig keys every trial starts from
-
-    def validate(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        for key in ("splits", "ranks", "bits", "snapshot_every", "mechanisms"):
-            if not getattr(self, key):
-                raise ConfigError(f"sweep key {key!r} needs at least one value")
-        from .branches.experiment import MECHANISMS
-        from .data import split_spec
-
-        bad = [m for m in self.mechanisms if m not in MECHANISMS]
-        if bad:
-            raise ConfigError(f"sweep mechanisms must be among {MECHANISMS}, got {bad}")
-        for s in self.splits:
-            split_spec(s)
-        if min(self.ranks) < 1 or not all(1 <= b <= 8 for b in self.bits):
-            raise ConfigError(f"ranks must be ≥ 1 and bits in 1..8, got {list(self.ranks)}, {list(self.bits)}")
-        if any(s is not None and s < 1 for s in self.snapshot_every):
-            raise ConfigError(f"snapshot_every values must be ≥ 1 or null, got {list(self.snapshot_every)}")
-        if self.max_concurrent < 1 or self.cpus_per_trial <= 0:
-            raise ConfigError(f"max_concurrent must be ≥ 1 and cpus_per_trial > 0, got {self.max_concurrent}, {self.cpus_per_trial}")
-        if self.asha_grace_percent <= 0 or self.asha_reduction_factor <= 1:
-            raise ConfigError(f"asha_grace_percent must be > 0 and asha_reduction_factor > 1, got {self.asha_grace_percent}, {self.asha_reduction_factor}")
-        self.base_experiment()  # unknown or ill-typed experiment keys fail here
-
-    def base_experiment(self) -> ExperimentConfig:
-        """The ExperimentConfig every trial starts from (``experiment`` keys, coerced)."""
-        return build(ExperimentConfig, self.experiment, where="sweep key 'experiment'")
-
+from ..errors import ConfigError, RaybranchError
+from .classes import ExperimentConfig, RayJobConfig, SweepConfig
 
 # -- reading ------------------------------------------------------------------------------------
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -296,16 +210,4 @@ def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | Non
     return cfg
 
 
-__all__ = [
-    "CHECKPOINTERS",
-    "SCHEDULERS",
-    "ConfigError",
-    "RayJobConfig",
-    "SweepConfig",
-    "build",
-    "coerce",
-    "load_branches_config",
-    "load_sweep_config",
-    "parse_overrides",
-    "read_yaml",
-]
+__all__ = ["build", "coerce", "load_branches_config", "load_sweep_config", "parse_overrides", "read_yaml"]

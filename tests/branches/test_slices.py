@@ -1,5 +1,5 @@
-"""Branches and slices (raybranch.branches): slice ends in the store, restore before slice K,
-a poisoned slice raising the attack success rate on main, and quarantine removing it."""
+"""Slices along branches (raybranch.branches.slices, .accounting): slice ends in the store,
+restore before slice K, the bytes charged to each branch."""
 from __future__ import annotations
 
 import pytest
@@ -7,14 +7,7 @@ import torch
 from torch import nn
 
 import raybranch as rb
-from raybranch.branches.experiment import (
-    BRANCH_KEYS,
-    RECOVERY_KEYS,
-    Experiment,
-    ExperimentConfig,
-    attribute_bytes,
-    run_experiment,
-)
+from raybranch.branches.accounting import attribute_bytes
 from raybranch.branches.slices import lineage, slice_ends, step_before_slice
 from raybranch.cli.main import main as cli_main
 from raybranch.errors import NotFoundError, RaybranchError
@@ -123,61 +116,3 @@ def test_attributed_bytes_add_up_to_the_run(branched):
     assert per["main"]["checkpoints"] == 1 + 16 and per["main"]["settle_checkpoints"] == 4
     assert per["clean"]["checkpoints"] == 12 and per["clean"]["settle_checkpoints"] == 0
     assert 0 <= shared < 4096  # layout documents only
-
-
-def test_restored_head_is_the_branch_head_now(branched):
-    """Experiment.restored(..., None) after more checkpoints gives the new head, not the head its
-    checkpointer's reader saw first (replay's head is restored after its fork point was)."""
-    _, store, main, clean = branched
-    exp = Experiment(ExperimentConfig(), store)
-    head = main.head()["step"]
-    before = exp.restored(Net(), main, None)
-    assert all(torch.equal(v, main.restore(head)["model"][k]) for k, v in before.state_dict().items())
-    moved = Net()
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.fill_(0.25)
-    main.save(head + 1, moved, snapshot=True)  # exact, so the comparison can be exact
-    after = exp.restored(Net(), main, None)
-    assert all(torch.equal(v, moved.state_dict()[k]) for k, v in after.state_dict().items())
-
-
-def test_poisoned_slice_raises_asr_on_main_and_quarantine_removes_it(tmp_path):
-    """LeNet-5 on digits, backdoor in slice 3, LC only, no early stopping (fixed epochs)."""
-    cfg = ExperimentConfig(mechanisms=("lc",), epochs=5, patience=0, poison_rate=0.3, name="t")
-    r = run_experiment(cfg, (tmp_path / "store").as_uri())
-    lc = r["mechanisms"]["lc"]
-    br, rec = lc["branches"], lc["recovery"]
-    assert set(br) == {"main", "clean", "replay"}
-    for v in br.values():
-        assert all(k in v for k in BRANCH_KEYS)
-    assert all(k in rec for k in RECOVERY_KEYS)
-    clean_asr = br["clean"]["attack_success_rate"]
-    assert rec["asr_before"] == br["main"]["attack_success_rate"]
-    assert rec["asr_before"] >= clean_asr + 0.2, (rec["asr_before"], clean_asr)  # poisoning poisons (0.35 here)
-    assert rec["asr_after"] <= clean_asr + 0.02  # replay without slice 3 removes it
-    assert rec["asr_instant"] == clean_asr
-    assert abs(rec["acc_replay"] - rec["acc_oracle"]) <= 0.02
-    assert rec["acc_replay"] >= 0.85
-    assert rec["replay_from_step"] == step_before_slice(Lineage(rb.open_store((tmp_path / "store").as_uri()), "t-lc", "main"), 3)
-    # every checkpoint counted once: the per-branch figures add up to the run's
-    t = lc["run_total"]
-    assert sum(v["bytes_stored"] for v in br.values()) + t["shared_bytes"] == t["bytes_stored"]
-    assert sum(v["checkpoints"] for v in br.values()) == t["checkpoints"]
-    assert br["main"]["compression_ratio"] > 10
-    # restored from the store (settled slice ends) = trained without raybranch, on main
-    assert abs(br["main"]["acc_restored"] - br["main"]["acc_full"]) <= 1 / r["data"]["test"] + 1e-9
-    assert len(br["main"]["per_slice_acc"]) == 4 and br["clean"]["per_slice_acc"][2] == br["clean"]["per_slice_acc"][1]
-
-
-def test_config_errors_name_the_bad_input(tmp_path):
-    for kwargs, msg in [
-        ({"poison_slice": 5}, "poison_slice 5"),
-        ({"mechanisms": ("lc", "zip")}, "mechanisms"),
-        ({"poison": "gas"}, "poison must be"),
-        ({"lora_merge": "sometimes"}, "lora_merge"),
-        ({"warmup_fraction": 0.95}, "warmup_fraction"),
-        ({"patience": -1}, "patience"),
-    ]:
-        with pytest.raises(RaybranchError, match=msg):
-            run_experiment(ExperimentConfig(**kwargs), (tmp_path / "s").as_uri())

@@ -1,10 +1,10 @@
-"""Job configs (raybranch.config): YAML plus key=value overrides, coerced to the dataclass field
+"""Job configs (raybranch.config.files): YAML plus key=value overrides, coerced to the dataclass field
 types; unknown keys and bad values are one-line errors naming the key."""
 from __future__ import annotations
 
 import pytest
 
-from raybranch.branches.experiment import ExperimentConfig
+from raybranch.config.classes import ExperimentConfig
 from raybranch.config import ConfigError, RayJobConfig, SweepConfig, load_branches_config, load_sweep_config
 from raybranch.errors import RaybranchError
 

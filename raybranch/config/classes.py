@@ -1,0 +1,203 @@
+"""Every configuration class of raybranch, in one place (no YAML here: :mod:`.files` reads them).
+
+- :class:`ExperimentConfig`: a run's model, data, slicing, seeds, optimiser, codec and Delta-LoRA
+  settings; written into the store as a run's ``run.json`` (:mod:`raybranch.runs.spec`) and the
+  input of the demo, the jobs and every sweep trial;
+- :class:`RayJobConfig`: where a branching job runs and writes (store, Ray Train settings);
+- :class:`SweepConfig`: a Ray Tune grid over experiments.
+
+The classes validate themselves (``validate()``: a one-line :class:`~raybranch.errors.ConfigError`
+or :class:`~raybranch.errors.RaybranchError` naming the bad value).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..data import split_spec
+from ..errors import ConfigError, RaybranchError
+
+MECHANISMS = ("lc", "lc+dlora")
+SLICE_END = ("exact", "lossy")
+LORA_MERGE = ("none", "slice-end")
+POISON_KINDS = ("backdoor", "flip", "none")
+@dataclass
+class ExperimentConfig:
+    """Everything a run depends on; defaults are the offline demo (LeNet-5 on digits)."""
+
+    name: str = "demo"                 # run names are <name>-lc, <name>-lc-dlora
+    model: str = "lenet5"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    split: str = "4x25"
+    warmup_fraction: float = 0.15      # of the training set: trains the branch point
+    val_fraction: float = 0.10         # of the training set: early stopping
+    seed: int = 0
+    branch_point_target: float = 0.75  # validation accuracy of the branch point
+    branch_point_max_epochs: int = 40
+    lr: float = 0.05                   # plain SGD (report: SGD, lr 0.08, batch 128 on MNIST)
+    lora_lr: float = 0.1               # SGD lr of the Delta-LoRA models
+    batch_size: int = 32
+    epochs: int = 30                   # per slice, at most
+    patience: int = 6                  # epochs without a better validation accuracy (0: no early stopping)
+    checkpoint_every: int = 1
+    slice_end: str = "exact"           # exact | lossy: slice-end checkpoints as exact key frames, or deltas like any step
+    settle: int = 0                    # superseded by slice_end="exact"; extra re-saves of the slice-end state (see train.loop)
+    serve_snapshot: tuple[str, ...] = MECHANISMS  # mechanisms whose clean slice ends are exact snapshots
+    poison: str = "backdoor"           # backdoor | flip | none
+    poison_slice: int = 3              # 1-based; also the slice quarantined
+    poison_rate: float = 0.2           # share of the slice's images poisoned
+    poison_target: int = 0
+    trigger_size: int = 6              # px of 28 (a 3 px patch is not learnt before early stopping)
+    mechanisms: tuple[str, ...] = MECHANISMS
+    codec: str = "uniform"             # uniform (default) | lc (LC-checkpoint, the baseline)
+    residual: float = 0.95             # uniform: every restored step within this many step-updates of the trained one
+    bits: int = 3
+    granularity: str = "tensor"
+    snapshot_every: int | None = None  # deltas between exact key frames (None: the Checkpointer's default)
+    segment_size: int = 0              # > 0: compact pages of that many commits (0: group commits, written once)
+    flush_every: int = 64              # steps per group commit: what a killed worker may have to train again
+    lora_pattern: str = "classifier"
+    lora_rank: int = 8
+    lora_scale: float = 0.5
+    lora_merge: str = "none"           # none | slice-end (merge & re-initialise A, B)
+    compare_lora_merge: bool = False   # also run main with the other merge policy, record both
+
+    def checkpointer_kwargs(self) -> dict:
+        """The Checkpointer settings every branch of the experiment uses."""
+        return dict(codec=self.codec, residual=self.residual, bits=self.bits, granularity=self.granularity,
+                    snapshot_every=self.snapshot_every, segment_size=self.segment_size, flush_every=self.flush_every,
+                    save_rng=False)  # batch order is seeded, not global RNG
+
+    def exact_slice_end(self, mech: str, branch: str) -> bool:
+        """Whether ``branch``'s slice ends are exact key frames (all of them with slice_end="exact";
+        otherwise the clean branch's of the ``serve_snapshot`` mechanisms, which are served)."""
+        return self.slice_end == "exact" or (mech in self.serve_snapshot and branch == "clean")
+
+    def validate(self) -> None:
+        fracs = split_spec(self.split)
+        if not 0 < self.warmup_fraction < 1 or not 0 < self.val_fraction < 1 or self.warmup_fraction + self.val_fraction >= 1:
+            raise RaybranchError(f"warmup_fraction {self.warmup_fraction} and val_fraction {self.val_fraction} must be in (0, 1) and sum below 1")
+        if self.poison not in POISON_KINDS:
+            raise RaybranchError(f"poison must be one of {POISON_KINDS}, got {self.poison!r}")
+        if not 1 <= self.poison_slice <= len(fracs):
+            raise RaybranchError(f"poison_slice {self.poison_slice} is not one of the slices 1..{len(fracs)} of split {self.split!r}")
+        bad = [m for m in (*self.mechanisms, *self.serve_snapshot) if m not in MECHANISMS]
+        if bad or not self.mechanisms:
+            raise RaybranchError(f"mechanisms and serve_snapshot must be subsets of {MECHANISMS} (mechanisms non-empty), got {list(self.mechanisms)}, {list(self.serve_snapshot)}")
+        if self.patience < 0 or self.epochs < 1 or self.batch_size < 1:
+            raise RaybranchError(f"epochs and batch_size must be ≥ 1 and patience ≥ 0, got {self.epochs}, {self.batch_size}, {self.patience}")
+        if self.slice_end not in SLICE_END:
+            raise RaybranchError(f"slice_end must be one of {SLICE_END}, got {self.slice_end!r}")
+        if self.lora_merge not in LORA_MERGE:
+            raise RaybranchError(f"lora_merge must be one of {LORA_MERGE}, got {self.lora_merge!r}")
+
+    @classmethod
+    def quick(cls, **overrides) -> "ExperimentConfig":
+        """The ``--quick`` demo: fewer epochs and a shorter patience."""
+        return cls(**{"epochs": 8, "patience": 2, "branch_point_max_epochs": 20, **overrides})
+
+    def as_dict(self) -> dict:
+        """JSON-ready (tuples as lists); :meth:`from_dict` reads it back."""
+        d = dataclasses.asdict(self)
+        d["mechanisms"] = list(self.mechanisms)
+        d["serve_snapshot"] = list(self.serve_snapshot)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        """The config of :meth:`as_dict` (lists back to tuples); an unknown key is a ConfigError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"unknown experiment config key(s) {bad}")
+        d = dict(d)
+        for k in ("mechanisms", "serve_snapshot"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+CHECKPOINTERS = ("sync", "async")
+SCHEDULERS = ("none", "asha")
+
+
+
+@dataclass
+class RayJobConfig:
+    """Where a branching job runs and writes (the keys of a branches config that are not the
+    experiment's)."""
+
+    store: str | None = None           # checkpoint store URI; None: $RAYBRANCH_STORE, else file://<out>/store
+    out: str = "out/branches"          # report directory (report.json, report.md, plots), on the driver's node
+    num_workers: int = 1               # Ray Train workers per branch (1: data-parallel branches are not implemented)
+    use_gpu: bool | None = None        # None: whether the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1              # FailureConfig: worker-group restarts per branch
+    checkpointer: str = "sync"         # sync: Checkpointer in the worker (pipeline thread) | async: AsyncCheckpointer (checkpoint actor)
+    parallel: bool = True              # main and clean at once (False: one after the other)
+
+    def validate(self) -> None:
+        if self.num_workers != 1:
+            raise ConfigError(f"num_workers must be 1 (one Ray Train worker per branch; data-parallel branches are not implemented), got {self.num_workers}")
+        if self.max_failures < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError(f"max_failures must be ≥ 0 and cpus_per_worker > 0, got {self.max_failures}, {self.cpus_per_worker}")
+        if self.checkpointer not in CHECKPOINTERS:
+            raise ConfigError(f"checkpointer must be one of {CHECKPOINTERS}, got {self.checkpointer!r}")
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune grid over split × LoRA rank × bits × snapshot policy × mechanism.
+
+    Each trial trains ``main`` (no poison) of one mechanism from the branch point on the split's
+    slices, in a run of its own (``<name>-<trial tag>``). ``lc`` does not depend on the LoRA
+    rank: with ``dedupe_lc`` it runs once per (split, bits, snapshot) instead of once per rank.
+    """
+
+    name: str = "sweep"
+    store: str | None = None             # None: $RAYBRANCH_STORE, else file://<out>/store
+    out: str = "out/sweep"               # results.csv, results.md, ratio_vs_accuracy.png
+    splits: tuple[str, ...] = ("4x25", "20x5", "80x1.25", "70/10/10/10")
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    bits: tuple[int, ...] = (3,)
+    snapshot_every: tuple[int | None, ...] = (None,)  # exact key frame every N checkpoints (None: the Checkpointer default)
+    mechanisms: tuple[str, ...] = ("lc", "lc+dlora")
+    dedupe_lc: bool = True
+    scheduler: str = "none"              # none | asha (stops trials whose accuracy lags, by share of data trained)
+    asha_grace_percent: float = 25.0     # ASHA: no trial stops before this share (%) of its slices
+    asha_reduction_factor: float = 2.0
+    max_concurrent: int = 2              # trials at once
+    cpus_per_trial: float = 1.0
+    experiment: dict = dataclasses.field(default_factory=dict)  # ExperimentConfig keys every trial starts from
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        for key in ("splits", "ranks", "bits", "snapshot_every", "mechanisms"):
+            if not getattr(self, key):
+                raise ConfigError(f"sweep key {key!r} needs at least one value")
+        bad = [m for m in self.mechanisms if m not in MECHANISMS]
+        if bad:
+            raise ConfigError(f"sweep mechanisms must be among {MECHANISMS}, got {bad}")
+        for s in self.splits:
+            split_spec(s)
+        if min(self.ranks) < 1 or not all(1 <= b <= 8 for b in self.bits):
+            raise ConfigError(f"ranks must be ≥ 1 and bits in 1..8, got {list(self.ranks)}, {list(self.bits)}")
+        if any(s is not None and s < 1 for s in self.snapshot_every):
+            raise ConfigError(f"snapshot_every values must be ≥ 1 or null, got {list(self.snapshot_every)}")
+        if self.max_concurrent < 1 or self.cpus_per_trial <= 0:
+            raise ConfigError(f"max_concurrent must be ≥ 1 and cpus_per_trial > 0, got {self.max_concurrent}, {self.cpus_per_trial}")
+        if self.asha_grace_percent <= 0 or self.asha_reduction_factor <= 1:
+            raise ConfigError(f"asha_grace_percent must be > 0 and asha_reduction_factor > 1, got {self.asha_grace_percent}, {self.asha_reduction_factor}")
+        self.base_experiment()  # unknown or ill-typed experiment keys fail here
+
+    def base_experiment(self) -> ExperimentConfig:
+        """The ExperimentConfig every trial starts from (``experiment`` keys, coerced)."""
+        from .files import build
+
+        return build(ExperimentConfig, self.experiment, where="sweep key 'experiment'")
+
+
+__all__ = ["CHECKPOINTERS", "LORA_MERGE", "MECHANISMS", "POISON_KINDS", "SCHEDULERS",
+           "SLICE_END", "ExperimentConfig", "RayJobConfig", "SweepConfig"]

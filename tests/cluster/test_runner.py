@@ -1,0 +1,146 @@
+"""Branches as Ray Train workers (raybranch.cluster.runner) on a real local Ray: the run
+operations on the Ray runner give the local runner's report fields and models, every Ray
+checkpoint resolves to a committed raybranch checkpoint that restores, and a worker killed
+mid-slice resumes from the branch head (its new writer fencing the dead one's)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+import raybranch as rb
+from raybranch.branches.slices import slice_ends
+from raybranch.cluster.pointers import RAY_CHECKPOINT_FILE, RAY_DIR, resolve_ray_checkpoint, restore_ray_checkpoint
+from raybranch.cluster.runner import RayRunner
+from raybranch.config.classes import ExperimentConfig, RayJobConfig
+from raybranch.ledger.lineage import Lineage
+from raybranch.ledger.verify import verify_store
+from raybranch.runs.context import RunContext
+from raybranch.runs.evaluate import evaluate_run
+from raybranch.runs.experiment import run_workflow
+from raybranch.runs.ops import init_run, train_slice
+from raybranch.runs.runner import LocalRunner
+from raybranch.branches.data import Hooks
+
+TINY = dict(mechanisms=("lc",), epochs=2, patience=0, branch_point_max_epochs=3, settle=1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The local runner must run with the workers' one thread (other tests may have changed the
+    process-wide setting): float sums depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    # the step hooks below live in this test module, which Ray workers cannot import by name
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _flat(report: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in report.items():
+        keys.add(prefix + k)
+        if isinstance(v, dict) and k not in ("config", "timings"):
+            keys |= _flat(v, prefix + k + ".")
+    return keys
+
+
+def test_ray_runner_gives_the_local_runners_run_and_ray_checkpoints_resolve(tmp_path):
+    cfg = ExperimentConfig(name="t", **TINY, split="40/30/30", poison_slice=2)
+    stores = {name: rb.open_store((tmp_path / name).as_uri()) for name in ("ray", "local")}
+    # the checkpoint actor here; the plain Checkpointer (the default) in the kill test below
+    runners = {"ray": RayRunner(RayJobConfig(checkpointer="async")), "local": LocalRunner()}
+    reports = {}
+    for name, store in stores.items():
+        run_workflow(store, "t-lc", cfg, "lc", runners[name], Hooks(), quarantine_slice=2)
+        reports[name] = evaluate_run(RunContext(store, "t-lc"))
+    got, want = reports["ray"]["mechanisms"]["lc"], reports["local"]["mechanisms"]["lc"]
+    assert _flat(reports["ray"]) - {"seconds"} == _flat(reports["local"]) - {"seconds"}  # the same report fields
+    assert set(got["branches"]) == {"main", "clean", "replay"}
+    for b, br in got["branches"].items():
+        assert br["checkpoints"] == want["branches"][b]["checkpoints"], b
+        assert br["per_slice_acc"] == want["branches"][b]["per_slice_acc"], b
+        assert br["acc_restored"] == want["branches"][b]["acc_restored"], b
+    # the same models, bit for bit, at every slice end and head of every branch
+    for b in ("main", "clean", "main-poisoned-2"):
+        ends = [slice_ends(Lineage(s, "t-lc", b)) for s in stores.values()]
+        assert ends[0] == ends[1], b
+        for step in [*ends[0].values(), None]:
+            a, c = (rb.Reader(s, "t-lc").restore(b, step)["model"] for s in stores.values())
+            assert all(torch.equal(a[k], c[k]) for k in c), (b, step)
+    # Ray's own files are in the run's directory but not in its checkpoint bytes
+    assert got["run_total"]["excluded_bytes"] > want["run_total"]["excluded_bytes"]
+    assert got["run_total"]["bytes_stored"] == pytest.approx(want["run_total"]["bytes_stored"], rel=0.02)
+
+    # every slice end a worker trained was reported to Ray with a checkpoint naming it
+    store, uri = stores["ray"], stores["ray"].uri
+    ray_dir = Path(store.root) / "t-lc" / RAY_DIR
+    docs = []
+    for p in sorted(p for p in ray_dir.glob("*/checkpoint_*") if p.is_dir()):
+        assert [f.name for f in p.iterdir()] == [RAY_CHECKPOINT_FILE]  # a pointer, not a copy of the model
+        ck = ray.train.Checkpoint.from_directory(str(p))
+        doc = resolve_ray_checkpoint(ck)
+        assert (doc["store"], doc["run"]) == (uri, "t-lc")
+        restored = restore_ray_checkpoint(ck)
+        want_state = rb.Reader(store, "t-lc").restore(doc["branch"], doc["step"])
+        assert all(torch.equal(restored["model"][k], want_state["model"][k]) for k in want_state["model"])
+        docs.append((doc["branch"], doc["slice"]))
+    # main 1-3, clean 1 and 3, and the replay's slice 3 (its branch now main; the pointer names it as trained)
+    assert sorted(docs) == sorted([("main", 1), ("main", 2), ("main", 3), ("clean", 1), ("clean", 3), ("replay-2", 3)])
+    rep = verify_store(store, "t-lc")
+    assert rep.problems == [] and rep.counts["steps"] > 0
+
+
+def kill_once(marker: str, branch: str, at_step: int):
+    """A step hook that SIGKILLs the training worker at ``at_step`` of ``branch``, the first time only."""
+
+    def hook(b: str, step: int) -> None:
+        if b == branch and step == at_step and not os.path.exists(marker):
+            Path(marker).write_text(f"killed {os.getpid()} at step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def test_killed_worker_resumes_from_the_branch_head(tmp_path):
+    cfg = ExperimentConfig(name="k", **TINY, flush_every=4)  # the kill loses at most 4 steps
+    store = rb.open_store((tmp_path / "store").as_uri())
+    marker = str(tmp_path / "killed")
+    kill_at = 27  # in slice 2 of main (slices end at steps 19, 38, … here: 18 steps + 1 settle)
+    runner = RayRunner(RayJobConfig(max_failures=1), step_hook=kill_once(marker, "main", kill_at))
+    init_run(store, "k", cfg, "lc")
+    for k in (1, 2):
+        train_slice(store, "k", k, runner)
+
+    assert Path(marker).read_text().startswith("killed")  # the worker did die, once
+    lin = Lineage(store, "k", "main")
+    steps = [e["step"] for e in lin.all_entries()]
+    assert steps == list(range(steps[0], steps[-1] + 1))  # no gap, no duplicate
+    # four writers, each registered with a new epoch: init (step 0), slice 1's worker, the first
+    # attempt at slice 2, the restarted worker (which fenced the one it replaced)
+    log = lin.log
+    commits = [c for p in log.pages for c in log.page(p.first_seq, p.last_seq)["commits"]]
+    commits += [log.commit(s) for s in log.tail_seqs if s > log.sealed_through]
+    assert sorted({c["epoch"] for c in commits}) == [1, 2, 3, 4]
+    ends = slice_ends(lin)
+    assert sorted(ends) == [1, 2] and ends[1] < kill_at < ends[2]
+    # the restarted worker continued from the last committed step: the slice cut short was
+    # trained again from its first epoch on top of it, so slice 2 holds more steps than slice 1
+    assert ends[2] - ends[1] > ends[1] - 0
+    # slice 2's fit reported its slice end once the restarted worker finished it
+    assert runner.fits[-1]["branch"] == "main" and runner.fits[-1]["reported"] == [f"k/main/{ends[2]}"]
+    rep = verify_store(store, "k")
+    assert rep.problems == [] and rep.counts["steps"] == len(steps)
