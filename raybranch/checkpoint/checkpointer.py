@@ -34,6 +34,7 @@ epoch): from then on an older writer of the branch is refused with
 :class:`~raybranch.errors.FencedError`. Groups are written once, at the compression level they
 were encoded with; ``segment_size`` > 0 restores the old compaction of every page of that many
 commits into one segment blob at a stronger zstd level (for writers committing single steps).
+The arguments' defaults and checks are in :mod:`raybranch.checkpoint.settings`.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ import warnings
 import torch
 
 from ..codec.modes import make_params
-from ..errors import FencedError, NotFoundError, RaybranchError
+from ..errors import FencedError, LapsedWriterFenced, NotFoundError, RaybranchError
 from ..ledger.branch import BranchWriter
 from ..ledger.lineage import Lineage, create_branch
 from ..ledger.pages import Sealer
@@ -59,14 +60,9 @@ from .history import branch_log, log_record
 from .layout import LayoutRules
 from .pipeline import Pipeline, describe_steps, failure_error
 from .restore import Reader
+from .settings import DEFAULT_FLUSH_EVERY, DEFAULT_FLUSH_SECONDS, DEFAULT_KEY_EVERY, DEFAULT_MAX_PENDING, check_settings
 from .training_state import TrainingState, collect
-from ..errors import LapsedWriterFenced
 from .writer import acquire_writer
-
-DEFAULT_KEY_EVERY = 256  # deltas between key frames (docs/DECISIONS.md: the ratio/restore frontier)
-DEFAULT_FLUSH_EVERY = 64  # steps per group commit (docs/DECISIONS.md: the durability window)
-DEFAULT_FLUSH_SECONDS = 5.0
-DEFAULT_MAX_PENDING = 8  # captures queued behind the training thread before save() blocks
 
 
 class Checkpointer:
@@ -101,39 +97,18 @@ class Checkpointer:
         self.run = check_name("run", run)
         self.branch = check_name("branch", branch)
         self.params = make_params(codec, residual=residual, bits=bits, granularity=granularity, value=value)
-        if restore_budget_s is not None:
-            if key_every is not None or snapshot_every is not None:
-                raise RaybranchError("give key_every (deltas) or restore_budget_s (seconds), not both")
-            if not isinstance(restore_budget_s, (int, float)) or not restore_budget_s > 0:
-                raise RaybranchError(f"restore_budget_s must be a positive number of seconds, got {restore_budget_s!r}")
-        if key_every is None:
-            key_every = snapshot_every if snapshot_every is not None else DEFAULT_KEY_EVERY
-        if not isinstance(key_every, int) or key_every < 1:
-            raise RaybranchError(f"key_every must be a positive number of checkpoints, got {key_every!r}")
-        if not isinstance(standalone_every, int) or standalone_every < 1:
-            raise RaybranchError(f"standalone_every must be a positive number of exact checkpoints, got {standalone_every!r}")
-        if segment_size < 0:
-            raise RaybranchError(f"segment_size must be >= 0 (0 = pages of {PAGE_SIZE} commits, never compacted), got {segment_size}")
-        if optimizer_codec not in ("exact", "lc"):
-            raise RaybranchError(f"optimizer_codec must be 'exact' or 'lc', got {optimizer_codec!r}")
-        if not isinstance(flush_every, int) or flush_every < 1:
-            raise RaybranchError(f"flush_every must be a positive number of saves per commit, got {flush_every!r}")
-        if flush_seconds is not None and (not isinstance(flush_seconds, (int, float)) or not flush_seconds > 0):
-            raise RaybranchError(f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}")
-        if not isinstance(max_pending, int) or max_pending < 1:
-            raise RaybranchError(f"max_pending must be a positive number of captures, got {max_pending!r}")
+        key_every, self._settings = check_settings(
+            codec=codec, residual=residual, bits=bits, granularity=granularity, value=value, key_every=key_every,
+            restore_budget_s=restore_budget_s, standalone_every=standalone_every, snapshot_every=snapshot_every,
+            segment_size=segment_size, exact=exact, min_lossy_numel=min_lossy_numel, optimizer_codec=optimizer_codec,
+            save_rng=save_rng, device=device, flush_every=flush_every, flush_seconds=flush_seconds,
+            background=background, max_pending=max_pending, retry=retry)
         self.key_every, self.standalone_every, self.restore_budget_s = key_every, standalone_every, restore_budget_s
         self.segment_size = segment_size
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.retry = retry or RetryPolicy(attempts=1)  # the store retries within its own deadline (S3: retry_deadline)
-        self.rules = LayoutRules(tuple(re.compile(p) for p in exact), min_lossy_numel, optimizer_codec, save_rng)
+        self.rules = LayoutRules(tuple(re.compile(p) for p in self._settings["exact"]), min_lossy_numel, optimizer_codec, save_rng)
         self.device = torch.device(device) if device is not None else None
-        self._settings = dict(codec=codec, residual=residual, bits=bits, granularity=granularity, value=value,
-                              key_every=None if restore_budget_s is not None else key_every,
-                              restore_budget_s=restore_budget_s, standalone_every=standalone_every, segment_size=segment_size,
-                              exact=list(exact), min_lossy_numel=min_lossy_numel, optimizer_codec=optimizer_codec,
-                              save_rng=save_rng, device=device, flush_every=flush_every, flush_seconds=flush_seconds,
-                              background=background, max_pending=max_pending, retry=retry)
         self.reader = Reader(self.store, self.run)
         self.sealer = Sealer(compact_rows if segment_size else None)
         self._writer: BranchWriter | None = None
@@ -420,4 +395,5 @@ def open_checkpointer(uri: str, run: str, branch: str = "main", **kwargs) -> Che
     return Checkpointer(open_store(uri), run, branch, **kwargs)
 
 
-__all__ = ["Checkpointer", "log_record", "open_checkpointer"]
+__all__ = ["DEFAULT_FLUSH_EVERY", "DEFAULT_FLUSH_SECONDS", "DEFAULT_KEY_EVERY", "DEFAULT_MAX_PENDING", "Checkpointer",
+           "log_record", "open_checkpointer"]

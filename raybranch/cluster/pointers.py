@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 
 from ..checkpoint.restore import Reader
 from ..errors import RaybranchError
+from ..ledger.refs import list_branch_names, read_branch_ref
 from ..store.store import Store, open_store
 
 RAY_CHECKPOINT_FILE = "raybranch.json"
@@ -40,11 +41,13 @@ def ray_storage(store: Store, run: str) -> tuple[str, pafs.FileSystem | None]:
     return path, fs
 
 
-def write_ray_checkpoint(directory: str, store_uri: str, run: str, branch: str, step: int, slice_id: int | None = None) -> str:
+def write_ray_checkpoint(directory: str, store_uri: str, run: str, branch: str, step: int, slice_id: int | None = None,
+                         branch_id: str | None = None) -> str:
     """Write the JSON that makes ``directory`` a Ray checkpoint naming raybranch checkpoint
-    ``run/branch/step`` of ``store_uri``; returns its path."""
+    ``run/branch/step`` of ``store_uri`` (and the branch's id, which a rename does not change);
+    returns its path."""
     doc = {"format": RAY_CHECKPOINT_FORMAT, "store": store_uri, "run": run, "branch": branch, "step": int(step),
-           "id": f"{run}/{branch}/{int(step)}", "slice": slice_id}
+           "id": f"{run}/{branch}/{int(step)}", "slice": slice_id, "branch_id": branch_id}
     path = os.path.join(directory, RAY_CHECKPOINT_FILE)
     with open(path, "w") as f:
         json.dump(doc, f)
@@ -65,11 +68,25 @@ def resolve_ray_checkpoint(checkpoint) -> dict:
 
 
 def restore_ray_checkpoint(checkpoint, store: Store | None = None) -> dict:
-    """Restore the raybranch checkpoint a Ray checkpoint names (see :meth:`Checkpointer.restore`)."""
+    """Restore the raybranch checkpoint a Ray checkpoint names (see :meth:`Checkpointer.restore`).
+    The branch is found by its id when it has been renamed since (a quarantine keeps the old main
+    as ``main-poisoned-<k>``)."""
     doc = resolve_ray_checkpoint(checkpoint)
     store = store or open_store(doc["store"])
-    return Reader(store, doc["run"]).restore(doc["branch"], doc["step"])
+    return Reader(store, doc["run"]).restore(current_name(store, doc["run"], doc["branch"], doc.get("branch_id")), doc["step"])
 
 
-__all__ = ["RAY_CHECKPOINT_FILE", "RAY_CHECKPOINT_FORMAT", "RAY_DIR", "ray_storage", "resolve_ray_checkpoint",
+def current_name(store: Store, run: str, name: str, bid: str | None) -> str:
+    """The live name of branch id ``bid`` (``name`` when it still names it, or when ``bid`` is None)."""
+    ref = read_branch_ref(store, run, name)
+    if bid is None or (ref is not None and ref.live and ref.doc["branch_id"] == bid):
+        return name
+    for other in list_branch_names(store, run):
+        r = read_branch_ref(store, run, other)
+        if r is not None and r.doc["branch_id"] == bid:
+            return other
+    raise RaybranchError(f"Ray checkpoint names branch {name!r} ({bid}) of run {run!r}, which no live branch is now")
+
+
+__all__ = ["RAY_CHECKPOINT_FILE", "RAY_CHECKPOINT_FORMAT", "RAY_DIR", "current_name", "ray_storage", "resolve_ray_checkpoint",
            "restore_ray_checkpoint", "write_ray_checkpoint"]

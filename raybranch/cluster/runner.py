@@ -39,9 +39,11 @@ from collections.abc import Callable
 import ray
 import torch
 
+from ..branches.slices import slice_ends
 from ..checkpoint.checkpointer import Checkpointer
 from ..config.classes import RayJobConfig
 from ..errors import BranchTrainingError
+from ..ledger.lineage import Lineage
 from ..runs.branch_training import train_branch
 from ..runs.context import RunContext
 from ..runs.runner import Plan
@@ -65,7 +67,7 @@ def _device() -> torch.device:
 
 def _report(c: dict, k: int, step: int, metrics: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="raybranch-ray-ckpt-") as d:
-        write_ray_checkpoint(d, c["store"], c["run"], c["branch"], step, k)
+        write_ray_checkpoint(d, c["store"], c["run"], c["branch"], step, k, c.get("branch_id"))
         ray.train.report({k_: v for k_, v in metrics.items() if not isinstance(v, (list, dict))},
                          checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -77,6 +79,7 @@ def branch_worker(c: dict) -> dict:
     torch.set_num_threads(int(c.get("threads") or 1))
     hook = c.get("step_hook")
     ctx = RunContext(c["store"], c["run"])
+    c = {**c, "branch_id": Lineage(ctx.store, c["run"], c["branch"]).log.bid}
     if hook:
         ctx.hooks.step = lambda s: hook(c["branch"], s)
     _report_missed_slice_ends(ctx, c)
@@ -94,9 +97,6 @@ def branch_worker(c: dict) -> dict:
 
 def _report_missed_slice_ends(ctx: RunContext, c: dict) -> None:
     """Report to Ray the slice ends of this plan the store holds beyond Ray's latest checkpoint."""
-    from ..branches.slices import slice_ends
-    from ..ledger.lineage import Lineage
-
     latest = ray.train.get_checkpoint()
     if latest is None:
         return

@@ -93,7 +93,7 @@ def test_ray_runner_gives_the_local_runners_run_and_ray_checkpoints_resolve(tmp_
         assert [f.name for f in p.iterdir()] == [RAY_CHECKPOINT_FILE]  # a pointer, not a copy of the model
         ck = ray.train.Checkpoint.from_directory(str(p))
         doc = resolve_ray_checkpoint(ck)
-        assert (doc["store"], doc["run"]) == (uri, "t-lc")
+        assert (doc["store"], doc["run"]) == (uri, "t-lc") and doc["branch_id"]
         restored = restore_ray_checkpoint(ck)
         want_state = rb.Reader(store, "t-lc").restore(doc["branch"], doc["step"])
         assert all(torch.equal(restored["model"][k], want_state["model"][k]) for k in want_state["model"])
