@@ -1,9 +1,12 @@
-"""Branches as Ray Train workers (raybranch.cluster.runner) on a real local Ray: the run
-operations on the Ray runner give the local runner's report fields and models, every Ray
+"""Branches as Ray Train workers (raybranch.cluster.runner) on a real local Ray: the branching job
+(jobs/branches.py: the run operations on the Ray runner) gives the local runner's report fields
+and models, every Ray
 checkpoint resolves to a committed raybranch checkpoint that restores, and a worker killed
 mid-slice resumes from the branch head (its new writer fencing the dead one's)."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import signal
 import sys
@@ -15,18 +18,15 @@ import torch
 
 import raybranch as rb
 from raybranch.branches.slices import slice_ends
-from raybranch.cluster.pointers import RAY_CHECKPOINT_FILE, RAY_DIR, resolve_ray_checkpoint, restore_ray_checkpoint
+from raybranch.cluster.pointers import RAY_CHECKPOINT_FILE, RAY_DIR, current_name, resolve_ray_checkpoint, restore_ray_checkpoint
 from raybranch.cluster.runner import RayRunner
 from raybranch.config.classes import ExperimentConfig, RayJobConfig
 from raybranch.ledger.lineage import Lineage
 from raybranch.ledger.verify import verify_store
-from raybranch.runs.context import RunContext
-from raybranch.runs.evaluate import evaluate_run
-from raybranch.runs.experiment import run_workflow
+from raybranch.runs.experiment import run_experiment
 from raybranch.runs.ops import init_run, train_slice
-from raybranch.runs.runner import LocalRunner
-from raybranch.branches.data import Hooks
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(mechanisms=("lc",), epochs=2, patience=0, branch_point_max_epochs=3, settle=1)
 
 
@@ -58,17 +58,31 @@ def _flat(report: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def test_ray_runner_gives_the_local_runners_run_and_ray_checkpoints_resolve(tmp_path):
-    cfg = ExperimentConfig(name="t", **TINY, split="40/30/30", poison_slice=2)
+def load_job():
+    """jobs/branches.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("branches_job", ROOT / "jobs" / "branches.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ray_runner_gives_the_local_runners_run_and_ray_checkpoints_resolve(tmp_path, capsys):
+    keys = dict(**TINY, split="40/30/30", poison_slice=2)
     stores = {name: rb.open_store((tmp_path / name).as_uri()) for name in ("ray", "local")}
-    # the checkpoint actor here; the plain Checkpointer (the default) in the kill test below
-    runners = {"ray": RayRunner(RayJobConfig(checkpointer="async")), "local": LocalRunner()}
-    reports = {}
-    for name, store in stores.items():
-        run_workflow(store, "t-lc", cfg, "lc", runners[name], Hooks(), quarantine_slice=2)
-        reports[name] = evaluate_run(RunContext(store, "t-lc"))
+    # the Ray run: jobs/branches.py (this process is its driver, Ray is up), with the checkpoint
+    # actor; the plain Checkpointer (the default) in the kill test below
+    argv = ["--config", str(ROOT / "jobs/configs/quick.yaml"), "name=t", f"store={stores['ray'].uri}", f"out={tmp_path / 'out'}",
+            "checkpointer=async", *(f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in keys.items())]
+    assert load_job().main(argv) == 0
+    assert "report: " in capsys.readouterr().out
+    reports = {"ray": json.loads(stores["ray"].read_bytes("_reports/t/report.json"))}
+    assert (tmp_path / "out" / "report.json").read_bytes() == stores["ray"].read_bytes("_reports/t/report.json")
+    # the same experiment with the local runner
+    reports["local"] = json.loads(json.dumps(run_experiment(ExperimentConfig(name="t", **keys), stores["local"]), default=str))
     got, want = reports["ray"]["mechanisms"]["lc"], reports["local"]["mechanisms"]["lc"]
-    assert _flat(reports["ray"]) - {"seconds"} == _flat(reports["local"]) - {"seconds"}  # the same report fields
+    volatile = {"seconds", "runner", "reports", "targets", "store"}
+    assert {k for k in _flat(reports["ray"]) if k.split(".")[0] not in volatile} == \
+        {k for k in _flat(reports["local"]) if k.split(".")[0] not in volatile}  # the same report fields
     assert set(got["branches"]) == {"main", "clean", "replay"}
     for b, br in got["branches"].items():
         assert br["checkpoints"] == want["branches"][b]["checkpoints"], b
@@ -95,7 +109,7 @@ def test_ray_runner_gives_the_local_runners_run_and_ray_checkpoints_resolve(tmp_
         doc = resolve_ray_checkpoint(ck)
         assert (doc["store"], doc["run"]) == (uri, "t-lc") and doc["branch_id"]
         restored = restore_ray_checkpoint(ck)
-        want_state = rb.Reader(store, "t-lc").restore(doc["branch"], doc["step"])
+        want_state = rb.Reader(store, "t-lc").restore(current_name(store, "t-lc", doc["branch"], doc["branch_id"]), doc["step"])
         assert all(torch.equal(restored["model"][k], want_state["model"][k]) for k in want_state["model"])
         docs.append((doc["branch"], doc["slice"]))
     # main 1-3, clean 1 and 3, and the replay's slice 3 (its branch now main; the pointer names it as trained)
