@@ -154,7 +154,7 @@ class RayRunner:
         errors: dict[str, BaseException] = {}
 
         def fit(branch: str, slices: list[int]) -> None:
-            c = {"store": ctx.store.uri.split(" ")[0], "run": ctx.run, "branch": branch, "slices": slices,
+            c = {"store": ctx.store.source, "run": ctx.run, "branch": branch, "slices": slices,
                  "checkpointer": job.checkpointer, "threads": max(1, int(job.cpus_per_worker)), "step_hook": self.step_hook}
             ctx.hooks.phase(f"{branch} slices {','.join(map(str, slices))} on Ray Train")
             t0 = time.perf_counter()

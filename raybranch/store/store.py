@@ -45,7 +45,8 @@ class Store:
     def __init__(self, location: Location):
         self.loc = location
         self.fs = location.fs
-        self.uri = location.uri
+        self.uri = location.uri  # to show
+        self.source = location.source  # to open again elsewhere (open_store(store.source))
         self.stats = RequestStats()
         if location.is_local:
             self.backend = LocalBackend(location.root, self.stats)

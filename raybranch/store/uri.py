@@ -31,6 +31,7 @@ class Location:
     prefix: str = ""
     s3_kwargs: dict | None = None  # boto3 client arguments (endpoint, region, timeouts), no credentials
     retry_deadline: float = RETRY_DEADLINE_S
+    source: str = ""  # the URI to open it again in another process (as given; a URI never holds credentials)
 
 
 def parse_uri(uri: str) -> Location:
@@ -53,7 +54,7 @@ def parse_uri(uri: str) -> Location:
 
 def _local(path: str) -> Location:
     root = path.rstrip("/") or "/"
-    return Location(pafs.LocalFileSystem(), root, "file://" + root, True)
+    return Location(pafs.LocalFileSystem(), root, "file://" + root, True, source="file://" + root)
 
 
 def _s3(uri: str, parts) -> Location:
@@ -96,4 +97,4 @@ def _s3(uri: str, parts) -> Location:
     s3_kwargs = {"region_name": region, "connect_timeout": kwargs["connect_timeout"], "read_timeout": kwargs["request_timeout"]}
     if endpoint:
         s3_kwargs["endpoint_url"] = f"{kwargs['scheme']}://{kwargs['endpoint_override']}"
-    return Location(fs, root, shown, False, bucket, parts.path.strip("/"), s3_kwargs, deadline)
+    return Location(fs, root, shown, False, bucket, parts.path.strip("/"), s3_kwargs, deadline, source=uri)
