@@ -30,21 +30,25 @@ from .spec import RunSpec, content_hash
 class RunContext:
     """One run's spec, data and model helpers (see the module docstring)."""
 
-    def __init__(self, store: Store | str, run: str, spec: RunSpec | None = None, hooks: Hooks | None = None):
+    def __init__(self, store: Store | str, run: str, spec: RunSpec | None = None, hooks: Hooks | None = None,
+                 data: SplitData | None = None):
         self.store = open_store(store) if isinstance(store, str) else store
         self.run = run
         self.spec = spec or RunSpec.load(self.store, run)
         self.cfg: ExperimentConfig = self.spec.config
         self.hooks = hooks or Hooks()
-        self._data: SplitData | None = None
+        self._data = data  # None: rebuilt from the config when first needed
         self._checked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._template: nn.Module | None = None
 
     @classmethod
-    def for_config(cls, store: Store, run: str, cfg: ExperimentConfig, mechanism: str, hooks: Hooks | None = None) -> "RunContext":
-        """A context for a run not yet written (``init``): run.json's slice hashes come from it."""
-        spec = RunSpec.new(run, cfg, mechanism, [], {})
-        return cls(store, run, spec, hooks)
+    def for_config(cls, store: Store | None, run: str, cfg: ExperimentConfig, mechanism: str, hooks: Hooks | None = None,
+                   start: dict | None = None) -> "RunContext":
+        """A context for a run not yet in the store (``init``; or plain training with no store):
+        its spec is the run.json ``init`` writes, with the dataset slices' hashes taken here."""
+        ctx = cls(store, run, RunSpec.new(run, cfg, mechanism, [], start or {"source": "trained"}), hooks)
+        ctx.spec.dataset_slices.extend(ctx.dataset_slice_records())
+        return ctx
 
     # -- data -----------------------------------------------------------------------------------
     @property

@@ -73,14 +73,14 @@ def init_run(store: Store, run: str, cfg: ExperimentConfig, mechanism: str | Non
     t0 = time.perf_counter()
     cfg.validate()
     mechanism = mechanism or cfg.mechanisms[0]
-    ctx = RunContext.for_config(store, run, cfg, mechanism, hooks)
     origin = {"source": "trained"} if start is None else {"source": start_source or "file", "sha256": content_hash(
         *[start[k] for k in sorted(start)])}
-    spec = RunSpec.new(run, cfg, mechanism, ctx.dataset_slice_records(), origin)
+    ctx = RunContext.for_config(store, run, cfg, mechanism, hooks, start=origin)
+    spec = ctx.spec
     if ray:
         spec.doc["ray"] = dict(ray)
     created = spec.create(store)
-    ctx = RunContext(store, run, hooks=hooks)
+    ctx = RunContext(store, run, hooks=hooks, data=ctx.data)  # the same config: the same data
     out = {"run": run, "created": created, "mechanism": mechanism, "slices": ctx.spec.n_dataset_slices}
     main_head = Lineage(store, run, MAIN).head_step if _bid(store, run, MAIN) else None
     if main_head is None:
@@ -155,6 +155,20 @@ def _heads(ctx: RunContext) -> dict:
     return {b: Lineage(ctx.store, ctx.run, b).head_step for b in (MAIN, CLEAN)}
 
 
+def _check_arrival_order(spec: RunSpec, store: Store, k: int, main_ends: dict[int, int]) -> None:
+    """RunError unless main can train slice k now: slices arrive in order, and every slice that
+    arrived before k (and is not poisoned) has been trained by main."""
+    arrived, marks = spec.arrived(store), spec.marks(store)
+    if marks.get(k) == "poisoned":
+        raise RunError(f"slice {k} of run {spec.run!r} is marked poisoned; main does not train it")
+    nxt = 1 + max(arrived, default=0)
+    if k not in arrived and k != nxt:
+        raise RunError(f"slice {k} of run {spec.run!r} cannot arrive before slice {nxt}: train --slice {nxt} first")
+    behind = [s for s in sorted(arrived) if s < k and s not in main_ends and marks.get(s) != "poisoned"]
+    if behind:
+        raise RunError(f"slice {behind[0]} of run {spec.run!r} arrived but main has not trained it: train --slice {behind[0]} first")
+
+
 def train_slice(store: Store, run: str, k: int, runner: Runner | None = None, data: tuple | None = None,
                 hooks: Hooks | None = None) -> dict:
     """Slice ``k`` arrives: main trains it, clean catches up. ``data``: (uint8 pixels, labels)
@@ -165,12 +179,8 @@ def train_slice(store: Store, run: str, k: int, runner: Runner | None = None, da
     spec = ctx.spec
     spec.check_slice_id(k, store, arriving=True, files=data is not None)
     main_ends = _ends(store, run, MAIN)
-    nxt = 1 + max(main_ends, default=0)
     if k not in main_ends:
-        if k < nxt:
-            raise RunError(f"slice {k} of run {run!r} was quarantined from main; it is not trained again")
-        if k > nxt:
-            raise RunError(f"slice {k} of run {run!r} cannot arrive before slice {nxt}: train --slice {nxt} first")
+        _check_arrival_order(spec, store, k, main_ends)
     if data is not None:
         spec.store_file_slice(store, k, *data)
     elif k <= spec.n_dataset_slices:
@@ -225,13 +235,15 @@ def quarantine(store: Store, run: str, k: int, runner: Runner | None = None, hoo
     runner = runner or LocalRunner()
     ctx = RunContext(store, run, hooks=hooks)
     spec = ctx.spec
-    spec.mark(store, k, "poisoned")
-    rel = record_key(run, quarantine_record_name(k))
-    q = read_json_or_none(store, rel)
-    if q is None:
+    q = read_json_or_none(store, record_key(run, quarantine_record_name(k)))
+    if q is None:  # checked before anything is written
+        spec.check_slice_id(k, store)
+        if spec.marks(store).get(k) == "verified":
+            raise RunError(f"slice {k} of run {run!r} is already marked verified; a mark cannot be changed")
         main_ends = _ends(store, run, MAIN)
         if k not in main_ends:
-            raise RunError(f"main of run {run!r} has not trained slice {k}: nothing to replay")
+            raise RunError(f"main of run {run!r} has not trained slice {k}: nothing to quarantine")
+        spec.mark(store, k, "poisoned")
         ctx.hooks.phase(f"quarantine slice {k}: instant recovery")
         inst = instant_recovery(ctx)
         inst.pop("model")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import raybranch as rb
 from raybranch.ledger.verify import verify_store
+from raybranch.testing.processes import alive, process_table, send_signal, with_descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -58,59 +59,19 @@ class LocalHead:
 
     def pids(self) -> list[int]:
         """This head's processes: those naming its temp dir or GCS port, and their descendants."""
-        table = _processes()
-        mine = {pid for pid, (_, cmd) in table.items() if self.tmp in cmd or f"127.0.0.1:{self.gcs}" in cmd}
-        grew = True
-        while grew:
-            more = {pid for pid, (ppid, _) in table.items() if ppid in mine and pid not in mine}
-            mine |= more
-            grew = bool(more)
+        table = process_table()
+        mine = with_descendants(table, {pid for pid, (_, cmd) in table.items() if self.tmp in cmd or f"127.0.0.1:{self.gcs}" in cmd})
         mine.discard(os.getpid())
         return sorted(mine)
 
     def stop(self) -> None:
         pids = self.pids()
-        _signal(pids, signal.SIGTERM)
+        send_signal(pids, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.1)
-        _signal([p for p in pids if _alive(p)], signal.SIGKILL)
+        send_signal([p for p in pids if alive(p)], signal.SIGKILL)
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """{pid: (parent pid, command line)} from /proc."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(d.name)] = (ppid, cmd)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -137,12 +98,13 @@ def head(s3_env):
         yield h
     finally:
         h.stop()
-    assert [p for p in h.pids() if _alive(p)] == []
+    assert [p for p in h.pids() if alive(p)] == []
 
 
 def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(tmp_path, s3_env, head):
-    """init, slices 1–4 arriving one by one, slice 3 marked poisoned after slice 4, quarantine: each
-    command a `ray job submit -- raybranch …` (train 4 and quarantine on Ray Train workers)."""
+    """init, slices 1–3 arriving one by one, slice 2 marked poisoned after slice 3 has trained,
+    quarantine: each command a `ray job submit -- raybranch …` (train 3, the last mark and the
+    quarantine on Ray Train workers)."""
     env, uri = s3_env
     address = f"http://127.0.0.1:{head.dashboard}"
     s = ["--store", uri, "--run", "job"]
@@ -161,14 +123,15 @@ def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(t
     (tmp_path / "wd").mkdir()
     t0 = time.perf_counter()
     submit("init", *s, "--config", str(ROOT / "jobs/configs/quick.yaml"), "mechanisms=[lc]", "epochs=1", "patience=0",
-           "branch_point_max_epochs=3")
-    for k in (1, 2, 3, 4):
-        logs = submit("train", *s, "--slice", str(k), *(["--ray"] if k == 4 else []))
-        assert f"main trained slice(s) {k} ({'ray' if k == 4 else 'local'}" in logs
-        if k != 3:
-            submit("mark", *s, "--slice", str(k), "--verified")
-    submit("mark", *s, "--slice", "3", "--poisoned")
-    logs = submit("quarantine", *s, "--slice", "3", "--ray")
+           "branch_point_max_epochs=3", "split=40/30/30", "poison_slice=2")
+    for k in (1, 2, 3):
+        logs = submit("train", *s, "--slice", str(k), *(["--ray"] if k == 3 else []))
+        assert f"main trained slice(s) {k} ({'ray' if k == 3 else 'local'}" in logs
+    submit("mark", *s, "--slice", "1", "--verified")
+    submit("mark", *s, "--slice", "3", "--verified")
+    logs = submit("mark", *s, "--slice", "2", "--poisoned", "--ray")
+    assert "clean trained slice(s) 3" in logs
+    logs = submit("quarantine", *s, "--slice", "2", "--ray")
     assert "instant recovery: served → job/clean/" in logs and "it is now main" in logs
     print(f"workflow as jobs in {time.perf_counter() - t0:.1f} s")
 

@@ -22,6 +22,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from raybranch.testing.processes import alive, process_table, with_descendants
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SH = ROOT / "infra" / "local.sh"
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -75,32 +77,6 @@ def _pick_ports() -> dict[str, str]:
     return out
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """{pid: (parent pid, command line)} from /proc."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(d.name)] = (ppid, cmd)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 class Stack:
     """One infra/local.sh stack of this test: its environment, and its processes found by its state
     dir (Ray's temp dir and the S3 data dir lie in it) or its GCS port (Ray's client server), plus
@@ -123,15 +99,10 @@ class Stack:
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def pids(self) -> dict[int, str]:
-        table = _processes()
-        mine = {pid for pid, (_, cmd) in table.items() if self.state in cmd or self._gcs.search(cmd)}
-        grew = True
-        while grew:
-            more = {pid for pid, (ppid, _) in table.items() if ppid in mine and pid not in mine}
-            mine |= more
-            grew = bool(more)
+        table = process_table()
+        mine = with_descendants(table, {pid for pid, (_, cmd) in table.items() if self.state in cmd or self._gcs.search(cmd)})
         mine.discard(os.getpid())
-        return {pid: table[pid][1] for pid in sorted(mine) if _alive(pid)}
+        return {pid: table[pid][1] for pid in sorted(mine) if alive(pid)}
 
     def logs(self) -> str:
         out = []
@@ -221,7 +192,7 @@ def test_local_sh_up_submit_down_in_fresh_home(stack, tmp_path):
     down = stack.sh("down", timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "Ray: stopped" in down.stdout and "S3: stopped" in down.stdout, down.stdout + down.stderr
-    assert [pid for pid in running if _alive(pid) and pid in stack.pids()] == []
+    assert [pid for pid in running if alive(pid) and pid in stack.pids()] == []
     assert stack.pids() == {}
     st = stack.sh("status", timeout=60)
     assert "S3: not running" in st.stdout and "Ray: not running" in st.stdout, st.stdout + st.stderr

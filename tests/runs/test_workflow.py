@@ -204,3 +204,12 @@ def test_init_from_a_model_file_and_a_different_config_is_refused(tmp_path, caps
     assert rc == 2 and "already exists with another" in err
     rc, _, err = run_cli(capsys, "init", "--store", uri, "--run", "g", "--from", str(tmp_path / "missing.pt"))
     assert rc == 2 and "--from" in err
+    # slices arrive in order; nothing arrived can be marked or quarantined; nothing is written
+    store = rb.open_store(uri)
+    before = objects(store)
+    for argv, msg in [(["train", *s, "--slice", "2"], "cannot arrive before slice 1"),
+                      (["mark", *s, "--slice", "1", "--poisoned"], "has not arrived yet"),
+                      (["quarantine", *s, "--slice", "1"], "has not trained slice 1")]:
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2 and msg in err, (argv, err)
+    assert objects(store) == before
