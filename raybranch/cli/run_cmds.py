@@ -169,7 +169,8 @@ def _cmd_quarantine(args) -> int:
           f"{','.join(map(str, q['replay_slices'])) or 'none'}" + ("" if rs is None else f" in {rs:.1f} s")
           + f"; it is now main (step {q['replay_step']}); the old main is kept as {q['old_main']}")
     if report:
-        print("report: " + ", ".join(report["store"][:2]) + (f" (and in {report['local']})" if report["local"] else ""))
+        print(f"report: {store.path(run_reports(args.run))}/report.md (and report.json, plots)"
+              + (f"; copy in {report['local']}" if report["local"] else ""))
     return 0
 
 

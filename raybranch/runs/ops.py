@@ -126,10 +126,10 @@ def clean_plan(ctx: RunContext) -> list[int]:
     return out
 
 
-def served_target(ctx: RunContext, branch: str, step: int | None = None) -> dict:
+def served_target(ctx: RunContext, branch: str, step: int | None = None, lin: Lineage | None = None) -> dict:
     """A ``served`` link target: ``branch`` at ``step`` (its head if None). ``branch_id`` is the
     id that holds that checkpoint (the parent's for a fork point), ``follows`` the branch's own id."""
-    lin = Lineage(ctx.store, ctx.run, branch)
+    lin = lin or Lineage(ctx.store, ctx.run, branch)
     step = lin.head_step if step is None else step
     return {"branch": branch, "branch_id": lin.entry(step)["branch_id"], "step": int(step), "follows": lin.log.bid}
 
@@ -218,9 +218,11 @@ def instant_recovery(ctx: RunContext) -> dict:
     the model's class is built before, as a server that serves it has it)."""
     model = ctx.template()
     t0, c0 = time.perf_counter(), time.process_time()
-    state = Reader(ctx.store, ctx.run).restore(CLEAN)  # cold: nothing cached
+    reader = Reader(ctx.store, ctx.run)  # cold: nothing cached
+    lin = reader.lineage(CLEAN)
+    state = reader.restore(CLEAN, lin.head_step)
     load_checkpoint(model, state)
-    target = served_target(ctx, CLEAN, int(state["step"]))
+    target = served_target(ctx, CLEAN, int(state["step"]), lin)
     move_link(ctx.store, ctx.run, SERVED, target)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     export = f"{ctx.run}/reports/served-{CLEAN}-{target['step']}.safetensors"
