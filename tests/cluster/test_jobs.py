@@ -103,8 +103,8 @@ def head(s3_env):
 
 def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(tmp_path, s3_env, head):
     """init, slices 1–3 arriving one by one, slice 2 marked poisoned after slice 3 has trained,
-    quarantine: each command a `ray job submit -- raybranch …` (train 3, the last mark and the
-    quarantine on Ray Train workers)."""
+    quarantine: each command a `ray job submit -- raybranch …` (train 3 and the quarantine on Ray
+    Train workers)."""
     env, uri = s3_env
     address = f"http://127.0.0.1:{head.dashboard}"
     s = ["--store", uri, "--run", "job"]
@@ -129,7 +129,7 @@ def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(t
         assert f"main trained slice(s) {k} ({'ray' if k == 3 else 'local'}" in logs
     submit("mark", *s, "--slice", "1", "--verified")
     submit("mark", *s, "--slice", "3", "--verified")
-    logs = submit("mark", *s, "--slice", "2", "--poisoned", "--ray")
+    logs = submit("mark", *s, "--slice", "2", "--poisoned")
     assert "clean trained slice(s) 3" in logs
     logs = submit("quarantine", *s, "--slice", "2", "--ray")
     assert "instant recovery: served → job/clean/" in logs and "it is now main" in logs
