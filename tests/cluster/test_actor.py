@@ -8,11 +8,9 @@ from __future__ import annotations
 import copy
 import itertools
 import random
-import sys
 import time
 
 import pytest
-import ray
 import torch
 from torch import nn
 
@@ -31,13 +29,7 @@ from raybranch.store.uri import parse_uri
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    # the store doubles below live in this test module, which Ray workers cannot import by name
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 # -- test doubles of the store's speed and reliability (the writes themselves are real) ----------

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,13 +39,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    # the step hooks below live in this test module, which Ray workers cannot import by name
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def _flat(report: dict, prefix: str = "") -> set[str]:

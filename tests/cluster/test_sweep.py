@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 
 import pytest
-import ray
 import torch
 
 import raybranch as rb
@@ -19,11 +18,7 @@ torch.set_num_threads(1)
 QUICK = "jobs/configs/sweep-quick.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def test_grid_has_one_lc_trial_per_combination_and_every_rank_for_delta_lora():
