@@ -155,10 +155,7 @@ def _cmd_quarantine(args) -> int:
             f.write(store.read_bytes(q["export"]))
     report = None
     if not args.no_report:
-        from ..branches.report import write_report
-
-        result = evaluate_run(RunContext(store, args.run, hooks=hooks))
-        report = publish(store, run_reports(args.run), lambda d: write_report(result, d), args.out)
+        report = publish(store, run_reports(args.run), evaluate_run(RunContext(store, args.run, hooks=hooks)), args.out)
     if args.json:
         _print_json({**q, "report": report})
         return 0
@@ -188,12 +185,10 @@ def _cmd_report(args) -> int:
         if paths:
             print(f"report of {args.run}: {len(paths)} file(s) from {store.path(prefix)} → {args.out}")
             return 0
-    from ..branches.report import write_report
     from ..runs.context import RunContext
     from ..runs.evaluate import evaluate_run
 
-    result = evaluate_run(RunContext(store, args.run, hooks=_hooks(args)))
-    publish(store, prefix, lambda d: write_report(result, d), args.out)
+    publish(store, prefix, evaluate_run(RunContext(store, args.run, hooks=_hooks(args))), args.out)
     print(f"report of {args.run} built: {store.path(prefix)} and {args.out}")
     return 0
 

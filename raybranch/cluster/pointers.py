@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 
 from ..checkpoint.restore import Reader
 from ..errors import RaybranchError
-from ..ledger.refs import list_branch_names, read_branch_ref
+from ..ledger.refs import live_branches, live_id
 from ..store.store import Store, open_store
 
 RAY_CHECKPOINT_FILE = "raybranch.json"
@@ -78,12 +78,10 @@ def restore_ray_checkpoint(checkpoint, store: Store | None = None) -> dict:
 
 def current_name(store: Store, run: str, name: str, bid: str | None) -> str:
     """The live name of branch id ``bid`` (``name`` when it still names it, or when ``bid`` is None)."""
-    ref = read_branch_ref(store, run, name)
-    if bid is None or (ref is not None and ref.live and ref.doc["branch_id"] == bid):
+    if bid is None or live_id(store, run, name) == bid:
         return name
-    for other in list_branch_names(store, run):
-        r = read_branch_ref(store, run, other)
-        if r is not None and r.doc["branch_id"] == bid:
+    for other, other_id in live_branches(store, run).items():
+        if other_id == bid:
             return other
     raise RaybranchError(f"Ray checkpoint names branch {name!r} ({bid}) of run {run!r}, which no live branch is now")
 

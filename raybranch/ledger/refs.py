@@ -60,6 +60,22 @@ def live_branch_id(store: Store, run: str, name: str) -> str:
     return ref.doc["branch_id"]
 
 
+def live_id(store: Store, run: str, name: str) -> str | None:
+    """The id live branch ``name`` points at; None when no live branch has that name."""
+    ref = read_branch_ref(store, run, name)
+    return ref.doc["branch_id"] if ref is not None and ref.live else None
+
+
+def live_branches(store: Store, run: str) -> dict[str, str]:
+    """{live branch name: branch id} of ``run``, by name."""
+    out = {}
+    for name in list_branch_names(store, run, live_only=False):
+        bid = live_id(store, run, name)
+        if bid is not None:
+            out[name] = bid
+    return dict(sorted(out.items()))
+
+
 def list_branch_names(store: Store, run: str, live_only: bool = True) -> list[str]:
     names = [i.base_name[: -len(".json")] for i in store.list(f"{run}/refs/branches") if i.base_name.endswith(".json")]
     if not live_only:

@@ -24,7 +24,7 @@ from ..models import build_model
 from ..poison import attack_success_rate
 from ..store.store import Store, open_store
 from ..train.loop import evaluate_accuracy, load_checkpoint, train_slice
-from .spec import RunSpec, content_hash
+from .spec import RunSpec, content_hash, slice_key
 
 
 class RunContext:
@@ -67,7 +67,7 @@ class RunContext:
         if k in self._checked:
             return self._checked[k]
         n = self.spec.n_dataset_slices
-        record = self.store.read_json(f"{self.run}/slices/{k:06d}.json") if k > n else None
+        record = self.store.read_json(slice_key(self.run, k)) if k > n else None
         if k <= n:
             x, y = self.data.slices[k - 1]
             expect = self.spec.dataset_slices[k - 1]["sha256"]

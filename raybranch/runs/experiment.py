@@ -30,7 +30,6 @@ import time
 
 from ..branches.data import Hooks
 from ..branches.metrics import summary_lines
-from ..branches.report import write_report
 from ..config.classes import ExperimentConfig
 from ..export import read_safetensors
 from ..store.store import Store, open_store
@@ -83,7 +82,7 @@ def run_experiment(config: ExperimentConfig, store_uri: str | Store, out_dir: st
         run_workflow(store, run, config, mech, runner, log, start_from=first, quarantine_slice=config.poison_slice)
         ctx = RunContext(store, run, hooks=log)
         result = evaluate_run(ctx, full=None if combined is None else combined["full"])
-        publish(store, run_reports(run), lambda d, r=result: write_report(r, d))
+        publish(store, run_reports(run), result)
         for line in summary_lines(result):
             log.log(line)
         if combined is None:
@@ -103,7 +102,7 @@ def run_experiment(config: ExperimentConfig, store_uri: str | Store, out_dir: st
                                           other: {k: main_alt[k] for k in fields}, "chosen": config.lora_merge}
     combined.update(extra, config=config.as_dict(), log=log_lines, seconds=time.perf_counter() - t_all, runner=runner.name,
                     runs=[r["run"] for r in combined["mechanisms"].values()])
-    combined["reports"] = publish(store, shared_reports(config.name), lambda d: write_report(combined, d), out_dir)
+    combined["reports"] = publish(store, shared_reports(config.name), combined, out_dir)
     return combined
 
 

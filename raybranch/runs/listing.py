@@ -14,21 +14,11 @@ from ..branches.accounting import attribute_bytes
 from ..branches.slices import slice_ends
 from ..errors import NotFoundError
 from ..ledger.lineage import Lineage
-from ..ledger.refs import list_branch_names, list_links, read_branch_ref
+from ..ledger.refs import list_links, live_branches
 from ..ledger.verify import runs
 from ..store.store import Store
 
 _SLICE_END = re.compile(r"^slice-end:(\d+)$")
-
-
-def _live_branches(store: Store, run: str) -> dict[str, str]:
-    """{live branch name: branch id} of ``run``, by name."""
-    out = {}
-    for name in list_branch_names(store, run, live_only=False):
-        ref = read_branch_ref(store, run, name)
-        if ref is not None and ref.live:
-            out[name] = ref.doc["branch_id"]
-    return dict(sorted(out.items()))
 
 
 def list_runs(store: Store) -> list[dict]:
@@ -42,7 +32,7 @@ def list_runs(store: Store) -> list[dict]:
     """
     out = []
     for run in sorted(runs(store)):
-        live = _live_branches(store, run)
+        live = live_branches(store, run)
         steps = sum(Lineage(store, run, name, bid).log.totals["steps"] for name, bid in live.items())
         out.append({"run": run, "branches": list(live), "steps": steps, "bytes": store.total_bytes(run),
                     "links": list_links(store, run), "has_run_json": store.exists(f"{run}/run.json")})
@@ -65,7 +55,7 @@ def branch_tree(store: Store, run: str) -> list[dict]:
     found = runs(store)
     if run not in found:
         raise NotFoundError(f"run {run!r} does not exist in {store.uri} (runs: {', '.join(sorted(found)) or 'none'})")
-    live = _live_branches(store, run)
+    live = live_branches(store, run)
     name_of = {bid: name for name, bid in live.items()}
     lins = {name: Lineage(store, run, name, bid) for name, bid in live.items()}
     links: dict[str, list[str]] = {}

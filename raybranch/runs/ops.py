@@ -37,7 +37,7 @@ from ..config.classes import ExperimentConfig
 from ..errors import RunError
 from ..export import safetensors_bytes
 from ..ledger.lineage import Lineage
-from ..ledger.refs import read_branch_ref, read_link, move_link
+from ..ledger.refs import live_id, move_link, read_link
 from ..store.store import Store
 from ..train.loop import checkpoint_state, load_checkpoint
 from .context import RunContext
@@ -55,11 +55,6 @@ def branch_point_file(run: str) -> str:
 
 def _ends(store: Store, run: str, branch: str) -> dict[int, int]:
     return slice_ends(Lineage(store, run, branch))
-
-
-def _bid(store: Store, run: str, branch: str) -> str | None:
-    ref = read_branch_ref(store, run, branch)
-    return ref.doc["branch_id"] if ref is not None and ref.live else None
 
 
 # -- init ----------------------------------------------------------------------------------------
@@ -82,7 +77,7 @@ def init_run(store: Store, run: str, cfg: ExperimentConfig, mechanism: str | Non
     created = spec.create(store)
     ctx = RunContext(store, run, hooks=hooks, data=ctx.data)  # the same config: the same data
     out = {"run": run, "created": created, "mechanism": mechanism, "slices": ctx.spec.n_dataset_slices}
-    main_head = Lineage(store, run, MAIN).head_step if _bid(store, run, MAIN) else None
+    main_head = Lineage(store, run, MAIN).head_step if live_id(store, run, MAIN) else None
     if main_head is None:
         if start is None:
             bp, info = train_branch_point(ctx)
@@ -103,7 +98,7 @@ def init_run(store: Store, run: str, cfg: ExperimentConfig, mechanism: str | Non
         ck.save(0, state, ctx.optimizer(template), extra, tags=[BRANCH_POINT_TAG])
         ck.close()
         out["branch_point"] = info
-    if _bid(store, run, CLEAN) is None:
+    if live_id(store, run, CLEAN) is None:
         ctx.checkpointer(MAIN).fork(CLEAN, step=0).close()
     if read_link(store, run, SERVED) is None:
         move_link(store, run, SERVED, served_target(ctx, MAIN, 0), expect=None)
@@ -140,7 +135,7 @@ def _follow_served(ctx: RunContext) -> dict | None:
     if link is None:
         return None
     target = link.doc["target"]
-    names = {_bid(ctx.store, ctx.run, b): b for b in (MAIN, CLEAN)}
+    names = {live_id(ctx.store, ctx.run, b): b for b in (MAIN, CLEAN)}
     name = names.get(target.get("follows", target["branch_id"]))
     if name is None:
         return target
@@ -251,14 +246,14 @@ def quarantine(store: Store, run: str, k: int, runner: Runner | None = None, hoo
         inst.pop("model")
         marks = spec.marks(store)
         q = {"slice": k, **inst, "from_step": step_before_slice(Lineage(store, run, MAIN), k),
-             "replay": f"replay-{k}", "old_main": f"main-poisoned-{k}", "main_bid_before": _bid(store, run, MAIN),
+             "replay": f"replay-{k}", "old_main": f"main-poisoned-{k}", "main_bid_before": live_id(store, run, MAIN),
              "replay_slices": sorted(s for s in main_ends if s > k and marks.get(s) != "poisoned"), "state": "replaying"}
         write_record(store, run, quarantine_record_name(k), q)
     if q["state"] != "done":
-        if _bid(store, run, q["replay"]) is None and _bid(store, run, MAIN) == q["main_bid_before"]:
+        if live_id(store, run, q["replay"]) is None and live_id(store, run, MAIN) == q["main_bid_before"]:
             ctx.checkpointer(MAIN).fork(q["replay"], step=q["from_step"]).close()
         ctx.hooks.phase(f"quarantine slice {k}: replay without it")
-        plan = [(q["replay"], q["replay_slices"]), (CLEAN, clean_plan(ctx))] if _bid(store, run, q["replay"]) else [(CLEAN, clean_plan(ctx))]
+        plan = [(q["replay"], q["replay_slices"]), (CLEAN, clean_plan(ctx))] if live_id(store, run, q["replay"]) else [(CLEAN, clean_plan(ctx))]
         tr = time.perf_counter()
         results = runner.train(ctx, plan)
         replay_bid = swap_in_replay(store, run, k, q, MAIN)

@@ -11,13 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 
+from ..branches.report import write_report
 from ..errors import NotFoundError
 from ..store.store import Store
-
-REPORT_FILES = ("report.json", "report.md")
-
 
 def run_reports(run: str) -> str:
     return f"{run}/reports"
@@ -39,11 +36,11 @@ def upload_dir(store: Store, prefix: str, local_dir: str) -> list[str]:
     return keys
 
 
-def publish(store: Store, prefix: str, write: Callable[[str], object], out_dir: str | None = None) -> dict:
-    """``write(dir)`` writes the files; they go to ``<prefix>/`` in the store and to ``out_dir``.
-    Returns {"store": [keys], "local": out_dir}."""
+def publish(store: Store, prefix: str, result: dict, out_dir: str | None = None) -> dict:
+    """Write report ``result``'s files (:func:`raybranch.branches.report.write_report`) to
+    ``<prefix>/`` in the store and to ``out_dir``. Returns {"store": [paths], "local": out_dir}."""
     with tempfile.TemporaryDirectory(prefix="raybranch-report-") as tmp:
-        write(tmp)
+        write_report(result, tmp)
         keys = upload_dir(store, prefix, tmp)
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
@@ -54,7 +51,7 @@ def publish(store: Store, prefix: str, write: Callable[[str], object], out_dir: 
 
 def fetch(store: Store, prefix: str, out_dir: str) -> list[str]:
     """Copy every report file under ``<prefix>/`` to ``out_dir``; NotFoundError when there is none."""
-    infos = [i for i in store.list(prefix) if i.base_name in REPORT_FILES or i.base_name.endswith((".png", ".csv", ".md", ".json"))]
+    infos = [i for i in store.list(prefix) if i.base_name.endswith((".png", ".csv", ".md", ".json"))]
     if not infos:
         raise NotFoundError(f"no report under {store.path(prefix)}")
     os.makedirs(out_dir, exist_ok=True)
@@ -67,4 +64,4 @@ def fetch(store: Store, prefix: str, out_dir: str) -> list[str]:
     return paths
 
 
-__all__ = ["REPORT_FILES", "fetch", "publish", "run_reports", "shared_reports", "upload_dir"]
+__all__ = ["fetch", "publish", "run_reports", "shared_reports", "upload_dir"]

@@ -14,40 +14,35 @@ not affected (it points at clean since the instant recovery).
 from __future__ import annotations
 
 from ..errors import RunError
-from ..ledger.refs import create_branch_ref, read_branch_ref, update_branch_ref
+from ..ledger.refs import create_branch_ref, live_id, read_branch_ref, update_branch_ref
 from ..store.store import Store
-
-
-def _live_id(store: Store, run: str, name: str) -> str | None:
-    ref = read_branch_ref(store, run, name)
-    return ref.doc["branch_id"] if ref is not None and ref.live else None
 
 
 def swap_in_replay(store: Store, run: str, k: int, q: dict, main: str = "main") -> str:
     """Make ``q["replay"]`` the branch ``main`` (see the module docstring); returns its id."""
     old_id, old_name, replay = q["main_bid_before"], q["old_main"], q["replay"]
-    replay_id = _live_id(store, run, replay) or q.get("replay_bid")
-    if _live_id(store, run, main) == replay_id and replay_id is not None:
+    replay_id = live_id(store, run, replay) or q.get("replay_bid")
+    if live_id(store, run, main) == replay_id and replay_id is not None:
         _tombstone(store, run, replay, replay_id, f"became {main} (quarantine of slice {k})")
         return replay_id
     if replay_id is None:
         raise RunError(f"run {run!r}: the replay branch {replay!r} of the quarantine of slice {k} is gone")
-    if _live_id(store, run, main) == old_id:
-        if _live_id(store, run, old_name) != old_id:
+    if live_id(store, run, main) == old_id:
+        if live_id(store, run, old_name) != old_id:
             retention = read_branch_ref(store, run, main).doc.get("retention")
             create_branch_ref(store, run, old_name, old_id, retention)
         update_branch_ref(store, run, main, expect_id=old_id, state="renamed",
                           reason=f"quarantine of slice {k}: kept as {old_name}, replaced by {replay}")
-    if _live_id(store, run, main) is None:
+    if live_id(store, run, main) is None:
         create_branch_ref(store, run, main, replay_id, read_branch_ref(store, run, replay).doc.get("retention"))
-    if _live_id(store, run, main) != replay_id:
+    if live_id(store, run, main) != replay_id:
         raise RunError(f"run {run!r}: branch {main!r} was moved by someone else during the quarantine of slice {k}")
     _tombstone(store, run, replay, replay_id, f"became {main} (quarantine of slice {k})")
     return replay_id
 
 
 def _tombstone(store: Store, run: str, name: str, bid: str, reason: str) -> None:
-    if _live_id(store, run, name) == bid:
+    if live_id(store, run, name) == bid:
         update_branch_ref(store, run, name, expect_id=bid, state="renamed", reason=reason)
 
 
