@@ -14,6 +14,11 @@ On a CUDA state the copies go to pinned host memory asynchronously (or, when the
 the device, to device buffers) and a CUDA event marks their end: the pipeline waits on the event,
 the training thread does not. The NaN/Inf check of a CUDA state then runs on the pipeline thread
 (a check on the training thread would wait for the GPU) and its error comes with the next call.
+
+Part-wise (a layout with ``owners``, :mod:`raybranch.checkpoint.parts`): only the rank's own
+chunks and exact tensors are copied, but the NaN/Inf check covers the whole state, by one sum per
+float tensor (a tensor is taken as non-finite when its sum is), so every rank of the group takes
+the same decision on the same replicated state.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..store.store import json_bytes
+from .parts import owned_exact
 
 
 class BufferPool:
@@ -61,7 +67,7 @@ class Capture:
     """One save on its way to the store."""
 
     __slots__ = ("step", "flats", "exact", "exact_flats", "groups", "layout", "layout_hash", "layout_bytes", "meta", "slices",
-                 "tags", "want_exact", "time", "ready", "pool")
+                 "tags", "want_exact", "time", "ready", "pool", "sums")
 
     def release(self) -> None:
         """Hand the flat buffers back to the pool (the encoder copies what it keeps)."""
@@ -72,7 +78,14 @@ class Capture:
 
     def check_finite(self) -> None:
         """NonFiniteError naming the first tensor that holds NaN/Inf (a finite sum of a vector
-        means every entry is finite: one reduction per group on the common path)."""
+        means every entry is finite: one reduction per group on the common path). Part-wise:
+        the per-tensor sums of the whole state."""
+        if self.sums is not None:
+            names, sums = self.sums
+            bad = torch.nonzero(~torch.isfinite(sums.cpu()))
+            if bad.numel():
+                self._nonfinite(names[int(bad[0])])
+            return
         for g, flat in self.flats.items():
             if not _finite(flat):
                 sizes = self.layout["groups"][g]["sizes"]
@@ -109,12 +122,19 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def capture(step: int, state, rules, pool: BufferPool, device: torch.device | None, *, slices=None, tags=None,
-            snapshot: bool | None = None) -> Capture:
+            snapshot: bool | None = None, rank: int = 0) -> Capture:
     """A :class:`Capture` of ``state`` at ``step`` under the Checkpointer's ``rules``; ``device``
-    is where the encoder runs (None: the CPU)."""
+    is where the encoder runs (None: the CPU); ``rank``: whose part (with ``rules.parts`` > 1)."""
     tensors = state.tensors
     c = Capture()
     c.layout, c.groups, exact_names, c.layout_bytes, c.layout_hash = pool.layout(rules, state)
+    c.sums = None
+    if "owners" in c.layout:
+        c.groups = {g: names for g, names in c.groups.items() if c.layout["owners"][g] == rank}
+        exact_names = owned_exact(c.layout, exact_names, rank)
+        floats = [n for n, t in tensors.items() if t.is_floating_point()]
+        if floats:
+            c.sums = (floats, torch.stack([tensors[n].detach().float().sum() for n in floats]))
     c.step, c.meta = step, state.meta
     c.slices, c.tags = list(slices or []), list(tags or [])
     c.want_exact = bool(tags) if snapshot is None else bool(snapshot)

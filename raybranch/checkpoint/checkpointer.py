@@ -34,7 +34,8 @@ epoch): from then on an older writer of the branch is refused with
 :class:`~raybranch.errors.FencedError`. Groups are written once, at the compression level they
 were encoded with; ``segment_size`` > 0 restores the old compaction of every page of that many
 commits into one segment blob at a stronger zstd level (for writers committing single steps).
-The arguments' defaults and checks are in :mod:`raybranch.checkpoint.settings`.
+The arguments' defaults and checks are in :mod:`raybranch.checkpoint.settings`. ``parts``: the
+ranks of a data-parallel group, each writing its part of every step (:mod:`.parts`).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import warnings
 import torch
 
 from ..codec.modes import make_params
-from ..errors import FencedError, LapsedWriterFenced, NotFoundError, RaybranchError
+from ..errors import FencedError, LapsedWriterFenced, NonFiniteError, NotFoundError, RaybranchError
 from ..ledger.branch import BranchWriter
 from ..ledger.lineage import Lineage, create_branch
 from ..ledger.pages import Sealer
@@ -58,11 +59,12 @@ from .encode import StateEncoder
 from .group import MAX_GROUP_BYTES, OpenGroup, RetryPolicy, commit_group
 from .history import branch_log, log_record
 from .layout import LayoutRules
+from .part_commit import agree_step, commit_parts, load_writer
+from .parts import Parts, own_view
 from .pipeline import Pipeline, describe_steps, failure_error
 from .restore import Reader
 from .settings import DEFAULT_FLUSH_EVERY, DEFAULT_FLUSH_SECONDS, DEFAULT_KEY_EVERY, DEFAULT_MAX_PENDING, check_settings
 from .training_state import TrainingState, collect
-from .writer import acquire_writer
 
 
 class Checkpointer:
@@ -92,6 +94,7 @@ class Checkpointer:
         background: bool = True,
         max_pending: int = DEFAULT_MAX_PENDING,
         retry: RetryPolicy | None = None,
+        parts: Parts | None = None,
     ):
         self.store = open_store(store) if isinstance(store, str) else store
         self.run = check_name("run", run)
@@ -107,7 +110,11 @@ class Checkpointer:
         self.segment_size = segment_size
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.retry = retry or RetryPolicy(attempts=1)  # the store retries within its own deadline (S3: retry_deadline)
-        self.rules = LayoutRules(tuple(re.compile(p) for p in self._settings["exact"]), min_lossy_numel, optimizer_codec, save_rng)
+        self.parts = parts or Parts()
+        if self.parts.world > 1 and restore_budget_s is not None:  # its key_every comes from timings: ranks would differ
+            raise RaybranchError("restore_budget_s needs a single writer; give key_every to a part-wise Checkpointer")
+        self.rules = LayoutRules(tuple(re.compile(p) for p in self._settings["exact"]), min_lossy_numel, optimizer_codec, save_rng,
+                                 self.parts.world)
         self.device = torch.device(device) if device is not None else None
         self.reader = Reader(self.store, self.run)
         self.sealer = Sealer(compact_rows if segment_size else None)
@@ -122,8 +129,10 @@ class Checkpointer:
         self._lost: list[int] = []  # steps of the open group lost with a failure that was not their commit
         self._pool = BufferPool()
         self._stream = None  # the CUDA stream the pipeline encodes on (a CUDA encoder only)
+        solo = self.parts.world == 1  # part-wise, a group closes at a step all ranks agree on, never when idle
         self._pipeline = Pipeline(f"raybranch-save-{self.branch}", self._process, max_pending=max_pending,
-                                  step_of=lambda c: c.step, due_in=self._due_in, on_idle=self._commit_group,
+                                  step_of=lambda c: c.step, due_in=self._due_in if solo else lambda: None,
+                                  on_idle=self._commit_group if solo else lambda: None,
                                   on_failure=self._reset_after_failure, release=Capture.release) if background else None
         self.timings = {"capture_s": 0.0, "encode_s": 0.0, "encode_cpu_s": 0.0, "write_s": 0.0, "compact_s": 0.0,
                         "blocked_s": 0.0, "lossy_bytes": 0, "retries": 0, "found_committed": 0}
@@ -150,14 +159,16 @@ class Checkpointer:
         step = int(step)
         self._raise_failure()
         if not self._loaded:  # the first save, or the first after a failure: register, read the head
-            c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot)
+            c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot,
+                    rank=self.parts.rank)
             c.release()  # checked before becoming the writer writes anything (the branch, a fence commit)
             self._load_head()
             self._last_step = None if self._head is None else self._head["step"]
         if self._last_step is not None and step <= self._last_step:
             raise RaybranchError(f"step {step} is not after the head of branch {self.branch!r} (step {self._last_step})")
         t0 = time.perf_counter()
-        c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot)
+        c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot,
+                    rank=self.parts.rank)
         self.timings["capture_s"] += time.perf_counter() - t0
         self._last_step = step
         if self._pipeline is None:
@@ -203,7 +214,7 @@ class Checkpointer:
         src = lin.entry(step)
         fork = {"branch_id": src["branch_id"], "branch": lin.branch_name_of(src["branch_id"]), "step": src["step"], "seq": src["seq"]}
         create_branch(self.store, self.run, branch, fork=fork, page_size=self.segment_size or PAGE_SIZE)
-        kwargs = {**self._settings, **overrides}
+        kwargs = {**self._settings, "parts": self.parts, **overrides}
         return Checkpointer(self.store, self.run, branch, **kwargs)
 
     @property
@@ -261,11 +272,21 @@ class Checkpointer:
         enc = self._enc
         kind = enc.kind(self._head, c.layout_hash, exact=c.want_exact)
         t0, c0 = time.perf_counter(), time.thread_time()
-        with self._encode_stream():
-            rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
+        rows, refused = [], None
+        try:
+            with self._encode_stream():
+                rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
+        except NonFiniteError as exc:
+            if self.parts.world == 1:
+                raise
+            refused = exc
         self.timings["encode_s"] += time.perf_counter() - t0
         self.timings["encode_cpu_s"] += time.thread_time() - c0
         self.timings["lossy_bytes"] = enc.lossy_bytes
+        nbytes = self._group.nbytes + sum(len(r.payload) for r in rows)
+        due, full = (self._due_in() or 1.0) <= 0, nbytes >= MAX_GROUP_BYTES
+        if self.parts.world > 1:  # every rank refuses, or closes the group, at the same step
+            full, due = agree_step(self.parts, c.step, refused, nbytes, due), False
         writer = self._writer
         if c.layout_hash != enc.layout_hash:
             self._group.layouts[c.layout_hash] = c.layout_bytes  # written with the group that first names it
@@ -279,11 +300,10 @@ class Checkpointer:
             "time": c.time,
         }
         # the reconstruction advances at capture order; a group that fails to commit rebuilds it from the store
-        enc.advance(pending, c.layout, c.flats, c.layout_hash, writer.bid, c.step)
+        enc.advance(pending, own_view(c.layout, self.parts.rank), c.flats, c.layout_hash, writer.bid, c.step)
         self._head = {**entry, "branch_id": writer.bid}
         self._group.add(entry, rows)
-        if (len(self._group) >= self.flush_every or kind != "delta" or c.tags or self._group.nbytes >= MAX_GROUP_BYTES
-                or (self._due_in() or 1.0) <= 0):
+        if len(self._group) >= self.flush_every or kind != "delta" or c.tags or full or due:
             self._commit_group()
 
     def _encode_stream(self):
@@ -314,7 +334,10 @@ class Checkpointer:
         seal_s = self.sealer.seconds
         try:
             found = writer.found_committed
-            commit_group(self.store, self.run, writer, group, self.retry, on_retry=self._count_retry)
+            if self.parts.world > 1:
+                commit_parts(self.store, self.run, writer, group, self.retry, self.parts, on_retry=self._count_retry)
+            else:
+                commit_group(self.store, self.run, writer, group, self.retry, on_retry=self._count_retry)
             self.timings["found_committed"] += writer.found_committed - found
         except RaybranchError as exc:
             if isinstance(exc, FencedError):  # stays fenced: only acquire() takes the branch back
@@ -323,7 +346,8 @@ class Checkpointer:
             self._lapsed = (writer.epoch, writer.writer_id, writer.bid)
             raise type(exc)(f"{span} of branch {self.branch!r} not committed: {exc}") from None
         try:  # the commit stands; a seal cut short (store error) is finished by the next commit
-            self.sealer.seal_due(writer)
+            if self.parts.rank == 0:
+                self.sealer.seal_due(writer)
         except RaybranchError as exc:
             warnings.warn(f"branch {self.branch!r}: {span} committed, but sealing "
                           f"of a full page failed; the next commit retries it: {exc}", stacklevel=3)
@@ -367,7 +391,7 @@ class Checkpointer:
         if self._fenced:
             raise FencedError(f"{self._fenced} (this Checkpointer stays fenced; acquire() takes the branch back)")
         try:
-            self._writer = acquire_writer(self.store, self.run, self.branch, self.segment_size or PAGE_SIZE, self._lapsed)
+            self._writer = load_writer(self.store, self.run, self.branch, self.segment_size or PAGE_SIZE, self._lapsed, self.parts)
         except LapsedWriterFenced as exc:
             self._fenced = str(exc)
             raise
@@ -386,7 +410,9 @@ class Checkpointer:
                     self._writer.log.open()
                     self.reader = Reader(self.store, self.run)
                     lin = Lineage(self.store, self.run, log=self._writer.log)
-            self._enc.load(layout, last["layout"], acc, exact, base, base_state, keys)
+            own = own_view(layout, self.parts.rank)
+            self._enc.load(own, last["layout"], {g: a for g, a in acc.items() if g in own["groups"]}, exact, base,
+                           {g: a for g, a in base_state.items() if g in own["groups"]} if base_state else base_state, keys)
             self._head = last
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 

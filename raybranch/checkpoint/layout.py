@@ -4,6 +4,10 @@ Floating-point model tensors are the lossy groups: "model" (parameters), "buffer
 buffers such as BatchNorm running statistics, whose scale has nothing to do with the weights'),
 "optim" (optimizer state, opt-in). Integer buffers, tensors under ``min_lossy_numel`` entries,
 names matching an ``exact`` pattern, RNG states and extras are stored losslessly.
+
+With ``parts`` = W > 1 (a data-parallel group writing part-wise, :mod:`raybranch.checkpoint.parts`)
+each lossy group is cut into chunks ``<group>.<rank>`` and ``owners`` names the rank that writes
+each chunk and each exact tensor.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import state as st
+from .parts import assign_exact, split_groups
 from .training_state import GROUPS
 
 RESERVED = GROUPS[1:]
@@ -24,6 +29,7 @@ class LayoutRules:
     min_lossy_numel: int = 8
     optimizer_codec: str = "exact"
     save_rng: bool | None = None
+    parts: int = 1
 
     def is_lossy(self, name: str, t: torch.Tensor) -> bool:
         if not t.is_floating_point() or t.numel() < self.min_lossy_numel:
@@ -44,6 +50,10 @@ class LayoutRules:
                 groups.setdefault(g, []).append(n)
             else:
                 exact.append(n)
+        owners: dict[str, int] = {}
+        if self.parts > 1:
+            groups, owners = split_groups(groups, {n: tensors[n].numel() for n in tensors}, self.parts)
+            owners.update(assign_exact(exact, {n: tensors[n].numel() * tensors[n].element_size() for n in exact}, self.parts))
         doc = {
             "groups": {
                 g: {
@@ -56,5 +66,6 @@ class LayoutRules:
             },
             "exact": exact,
             "model_keys": [n for n in tensors if not n.startswith(tuple(p + "/" for p in RESERVED))],
+            **({"parts": self.parts, "owners": owners} if self.parts > 1 else {}),
         }
         return doc, groups, exact

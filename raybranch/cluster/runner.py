@@ -4,7 +4,7 @@ at once, checkpointing every step into the run's store.
     runner = RayRunner(RayJobConfig(num_workers=1))
     train_slice(store, run, 3, runner)          # or any operation of raybranch.runs.ops
 
-Per branch one ``TorchTrainer``: ``ScalingConfig(num_workers=1, use_gpu=<cluster has GPUs>)``,
+Per branch one ``TorchTrainer``: ``ScalingConfig(num_workers=N, use_gpu=<cluster has GPUs>)``,
 ``RunConfig(name=<branch>-<time>, storage_path=<store>/<run>/_ray, storage_filesystem=<the
 store's>)``, ``FailureConfig(max_failures)``. Its worker (:func:`branch_worker`) opens the run
 from the store and calls :func:`raybranch.runs.branch_training.train_branch` — the same function
@@ -19,6 +19,13 @@ branch from the store, as ``train_branch`` does. ``ray.train.report`` hands its 
 controller asynchronously, so a worker killed right after a slice end may have committed the
 slice while Ray lost the report: a restarted worker reports the slice ends the store holds
 beyond Ray's latest checkpoint (``recovered: true``).
+
+Data-parallel branches (``num_workers`` N > 1). Ray Train starts the process group (gloo on CPU,
+NCCL on GPU); each rank wraps the model with ``prepare_model`` (DDP), trains its shard of every
+batch and writes its part of every checkpoint through a :class:`~raybranch.checkpoint.parts.TorchParts`
+Checkpointer; rank 0's commit names all N parts. Every rank calls ``ray.train.report`` (Ray Train
+requires it); rank 0's carries the checkpoint. After a worker dies, ``FailureConfig`` restarts
+the whole group and every rank resumes from the branch's last commit (the slice is restarted).
 
 Checkpointer in the worker (``RayJobConfig.checkpointer``): ``sync`` (the default) — a plain
 Checkpointer, whose pipeline thread encodes and group-commits behind training; ``async`` — the
@@ -41,6 +48,7 @@ import torch
 
 from ..branches.slices import slice_ends
 from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.parts import TorchParts
 from ..config.classes import RayJobConfig
 from ..errors import BranchTrainingError
 from ..ledger.lineage import Lineage
@@ -66,10 +74,14 @@ def _device() -> torch.device:
 
 
 def _report(c: dict, k: int, step: int, metrics: dict) -> None:
+    """Every rank reports (Ray Train's rule); rank 0's report carries the checkpoint pointer."""
+    scalars = {k_: v for k_, v in metrics.items() if not isinstance(v, (list, dict))}
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(scalars, checkpoint=None)
+        return
     with tempfile.TemporaryDirectory(prefix="raybranch-ray-ckpt-") as d:
         write_ray_checkpoint(d, c["store"], c["run"], c["branch"], step, k, c.get("branch_id"))
-        ray.train.report({k_: v for k_, v in metrics.items() if not isinstance(v, (list, dict))},
-                         checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def branch_worker(c: dict) -> dict:
@@ -77,6 +89,9 @@ def branch_worker(c: dict) -> dict:
     threads, step_hook (optional ``fn(branch, step)`` after every optimizer step: fault
     injection in tests)}."""
     torch.set_num_threads(int(c.get("threads") or 1))
+    tc = ray.train.get_context()
+    rank, world = tc.get_world_rank(), tc.get_world_size()
+    parts = TorchParts() if world > 1 else None  # collective: every rank creates it here
     hook = c.get("step_hook")
     ctx = RunContext(c["store"], c["run"])
     c = {**c, "branch_id": Lineage(ctx.store, c["run"], c["branch"]).log.bid}
@@ -89,10 +104,15 @@ def branch_worker(c: dict) -> dict:
             from .actor import AsyncCheckpointer
 
             return AsyncCheckpointer(c["store"], c["run"], c["branch"], **ctx.ck_kwargs())
-        return Checkpointer(ctx.store, c["run"], c["branch"], **ctx.ck_kwargs())
+        return Checkpointer(ctx.store, c["run"], c["branch"], **ctx.ck_kwargs(), parts=parts)
 
+    wrap = None
+    if world > 1:
+        import ray.train.torch as rtt
+
+        wrap = rtt.prepare_model
     return train_branch(ctx, c["branch"], c["slices"], open_ck, on_slice_end=lambda k, s, m: _report(c, k, s, m),
-                        device=_device())
+                        device=_device(), wrap=wrap, rank=rank)
 
 
 def _report_missed_slice_ends(ctx: RunContext, c: dict) -> None:

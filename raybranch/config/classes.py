@@ -130,7 +130,7 @@ class RayJobConfig:
 
     store: str | None = None           # checkpoint store URI; None: $RAYBRANCH_STORE, else file://<out>/store
     out: str = "out/branches"          # report directory (report.json, report.md, plots), on the driver's node
-    num_workers: int = 1               # Ray Train workers per branch (1: data-parallel branches are not implemented)
+    num_workers: int = 1               # Ray Train workers per branch: > 1 trains it data-parallel (DDP), each rank writing its part
     use_gpu: bool | None = None        # None: whether the cluster has GPUs
     cpus_per_worker: float = 1.0
     max_failures: int = 1              # FailureConfig: worker-group restarts per branch
@@ -138,8 +138,11 @@ class RayJobConfig:
     parallel: bool = True              # main and clean at once (False: one after the other)
 
     def validate(self) -> None:
-        if self.num_workers != 1:
-            raise ConfigError(f"num_workers must be 1 (one Ray Train worker per branch; data-parallel branches are not implemented), got {self.num_workers}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ConfigError(f"num_workers must be a positive number of Ray Train workers per branch, got {self.num_workers!r}")
+        if self.num_workers > 1 and self.checkpointer != "sync":
+            raise ConfigError(f"checkpointer={self.checkpointer!r} needs num_workers=1: data-parallel ranks each write their "
+                              "part with the sync Checkpointer")
         if self.max_failures < 0 or self.cpus_per_worker <= 0:
             raise ConfigError(f"max_failures must be ≥ 0 and cpus_per_worker > 0, got {self.max_failures}, {self.cpus_per_worker}")
         if self.checkpointer not in CHECKPOINTERS:

@@ -22,9 +22,16 @@ slice's summary (steps, epochs, early stopping, seconds, live accuracy) for the 
 ``on_slice_end(k, step, metrics)`` is then called (the Ray runner reports to Ray Train there).
 A slice end the store holds without its record — the process died between the two — gets a
 record marked ``recovered_from_store``.
+
+Data-parallel (``wrap``: e.g. Ray Train's ``prepare_model``; ``rank`` of the group): every rank
+restores the head, wraps the model and trains its shard of each batch (:mod:`raybranch.train.ddp`);
+``open_ck`` gives each rank a part-wise Checkpointer (:mod:`raybranch.checkpoint.parts`). A
+restarted group resumes as one process does, every rank from the same commit: the rule is "restart
+the slice" on every rank. Only rank 0 writes records; ``on_slice_end`` is called on every rank.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 
@@ -61,11 +68,13 @@ def _to_device(model: torch.nn.Module, opt: torch.optim.Optimizer, dev: torch.de
 
 
 def train_branch(ctx: RunContext, branch: str, slices: list[int], open_ck: Callable[[], object] | None = None,
-                 on_slice_end: SliceEndHook | None = None, device: torch.device | None = None) -> dict:
+                 on_slice_end: SliceEndHook | None = None, device: torch.device | None = None,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, rank: int = 0) -> dict:
     """Train ``branch`` on those of ``slices`` not yet ended (see the module docstring).
 
     Returns {"branch", "branch_id", "step" (head after), "trained": [slice summaries],
-    "done_before": [slices already ended], "resumed", "acc_live", "timings", "seconds"}.
+    "done_before": [slices already ended], "resumed", "acc_live", "timings", "state_sha256" (of the live
+    model's state dict, :func:`state_digest`), "seconds"}.
     """
     t0 = time.perf_counter()
     ck = open_ck() if open_ck is not None else ctx.checkpointer(branch)
@@ -76,24 +85,26 @@ def train_branch(ctx: RunContext, branch: str, slices: list[int], open_ck: Calla
         load_checkpoint(model, ck.restore(), opt)  # the head: the fork point, or where a killed attempt got to
         if device is not None:
             _to_device(model, opt, device)
+        net = wrap(model) if wrap is not None else model  # DDP: the same parameters, wrapped
         lin = Lineage(ctx.store, ctx.run, branch)
         bid = lin.log.bid
         ends = slice_ends(lin)
         step = int(head["step"])
         done = [k for k in slices if k in ends]
         todo = [k for k in slices if k not in ends]
-        for k in done:
+        for k in done if rank == 0 else ():
             _ensure_record(ctx, bid, branch, k, ends[k])
         at_end = [s for s, st in ends.items() if st == step]
         if ctx.spec.merge == "slice-end" and at_end:
             merge_and_reinit_(model, ctx.merge_generator(max(at_end)))  # the merge that followed that slice end
         trained = []
         for k in todo:
-            res = ctx.train(model, opt, k, ck, step, ctx.spec.merge, end_snapshot=ctx.end_snapshot(branch))
+            res = ctx.train(net, opt, k, ck, step, ctx.spec.merge, end_snapshot=ctx.end_snapshot(branch))
             step = res.last_step
             ck.flush()  # the slice end is committed before anything records it
             summary = {**slice_summary(res), "branch": branch, "acc_live": ctx.acc(model), "resumed": bool(done) or head["step"] > 0}
-            ctx.store.write_json(record_key(ctx.run, slice_record_name(bid, k)), summary)
+            if rank == 0:
+                ctx.store.write_json(record_key(ctx.run, slice_record_name(bid, k)), summary)
             trained.append(summary)
             if on_slice_end is not None:
                 on_slice_end(k, step, summary)
@@ -103,13 +114,23 @@ def train_branch(ctx: RunContext, branch: str, slices: list[int], open_ck: Calla
         ck = None
         return {"branch": branch, "branch_id": bid, "step": step, "trained": trained, "done_before": done,
                 "resumed": bool(done) and bool(todo), "acc_live": ctx.acc(model), "timings": timings,
-                "seconds": time.perf_counter() - t0}
+                "state_sha256": state_digest(model.state_dict()), "seconds": time.perf_counter() - t0}
     finally:
         if ck is not None and not isinstance(ck, Checkpointer):  # an actor client: end it; its error stays second
             try:
                 ck.close()
             except Exception:  # noqa: BLE001 - the loop's own error is the one to see
                 pass
+
+
+def state_digest(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in order (live vs restored)."""
+    h = hashlib.sha256()
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _ensure_record(ctx: RunContext, bid: str, branch: str, k: int, step: int) -> None:
@@ -120,4 +141,4 @@ def _ensure_record(ctx: RunContext, bid: str, branch: str, k: int, step: int) ->
                                    "recovered_from_store": True})
 
 
-__all__ = ["slice_record_name", "slice_summary", "train_branch"]
+__all__ = ["slice_record_name", "slice_summary", "state_digest", "train_branch"]

@@ -23,6 +23,7 @@ from ..lora import inject_delta_lora, merge_and_reinit_
 from ..models import build_model
 from ..poison import attack_success_rate
 from ..store.store import Store, open_store
+from ..train.ddp import unwrap
 from ..train.loop import evaluate_accuracy, load_checkpoint, train_slice
 from .spec import RunSpec, content_hash, slice_key
 
@@ -142,7 +143,7 @@ class RunContext:
             on_step=self.hooks.step, log=self.hooks.log,
         )
         if merge == "slice-end":
-            merge_and_reinit_(model, self.merge_generator(k))
+            merge_and_reinit_(unwrap(model), self.merge_generator(k))
         return res
 
     def acc(self, model: nn.Module) -> float:

@@ -44,6 +44,9 @@ an in-memory copy of the last good state at each would-be checkpoint instead.
 ``nan_policy="raise"`` raises :class:`NonFiniteLossError` instead. More than ``max_rollbacks``
 rollbacks in one slice raise as well.
 
+Data-parallel. A model wrapped in ``DistributedDataParallel`` trains rank r on its shard of each
+batch and checkpoints the plain module (:mod:`raybranch.train.ddp` has the rule and the math).
+
 Delta-LoRA checkpoints. For a model with Delta-LoRA layers the checkpoint's model state is
 ``lora_state(model)`` (A, B, biases, non-LoRA tensors: no dense W) and
 ``extra={"lora_anchor": lora_anchor(model)}``; the engine stores an unchanged extra tensor
@@ -66,6 +69,7 @@ from torch import nn
 from ..checkpoint.checkpointer import Checkpointer
 from ..errors import NonFiniteError, NonFiniteLossError, RaybranchError
 from ..lora import delta_lora_layers, delta_lora_step, load_lora_state, lora_anchor, lora_state
+from .ddp import agree, data_parallel, shard, unwrap
 
 NAN_POLICIES = ("rollback", "raise")
 SETTLE_TAG = "settle"
@@ -190,9 +194,13 @@ def train_slice(
     after each step (progress bars). Returns a :class:`SliceResult`.
     """
     images, labels = data
+    net, model = model, unwrap(model)  # forward through the DDP wrapper; state, checks and restores on the module
+    dp = data_parallel(net)
     n = int(labels.shape[0])
     if images.shape[0] != n or n == 0:
         raise RaybranchError(f"slice {slice_id}: need as many images as labels (> 0), got {images.shape[0]} and {n}")
+    if dp is not None and n < dp[1]:
+        raise RaybranchError(f"slice {slice_id}: {n} images cannot be shared by {dp[1]} data-parallel ranks")
     if settle < 0:
         raise RaybranchError(f"settle must be ≥ 0 checkpoints, got {settle}")
     if epochs < 1 or batch_size < 1 or checkpoint_every < 1:
@@ -268,17 +276,22 @@ def train_slice(
         say(msg)
 
     stop = False
+    starts = [s for s in range(0, n, batch_size) if dp is None or min(batch_size, n - s) >= dp[1]]
     for epoch in range(epochs):
         order = batch_order(n, seed, slice_id, epoch)
-        for start in range(0, n, batch_size):
+        for bi, start in enumerate(starts):
             idx = order[start : start + batch_size]
-            x, y = images[idx].to(dev), labels[idx].to(dev)
+            mine = idx if dp is None else shard(idx, *dp)
+            x, y = images[mine].to(dev), labels[mine].to(dev)
             step += 1
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            if dp is None:
+                loss = F.cross_entropy(net(x), y)
+            else:  # this rank's share of the batch mean; DDP's average of the gradients makes it whole
+                loss = F.cross_entropy(net(x), y, reduction="sum") * (dp[1] / idx.numel())
             if loss_hook is not None:
                 loss = loss_hook(step, loss)
-            if not bool(torch.isfinite(loss.detach())):
+            if dp is None and not bool(torch.isfinite(loss.detach())):
                 rollback(step, "non-finite loss")
                 continue
             loss.backward()
@@ -292,7 +305,7 @@ def train_slice(
             since_ckpt += 1
             # the epoch's last step is checkpointed after the epoch's evaluation, when we know
             # whether it ends the slice (and so carries the slice-end tag)
-            if since_ckpt >= checkpoint_every and start + batch_size < n:
+            if since_ckpt >= checkpoint_every and bi + 1 < len(starts):
                 if ckpt is not None:
                     try:
                         save(step, end=False)
@@ -306,7 +319,7 @@ def train_slice(
                 on_step(step)
         res.epochs = epoch + 1
         if eval_fn is not None:
-            m = float(eval_fn(model))
+            m = agree(float(eval_fn(model)), net)
             res.metric_history.append(m)
             if res.best_metric is None or m > res.best_metric:
                 res.best_metric, res.best_epoch = m, epoch + 1

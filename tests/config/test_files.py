@@ -82,8 +82,11 @@ def test_bad_input_errors_name_the_problem(tmp_path):
         load_branches_config(None, ["poison_slice=9"])
     with pytest.raises(ConfigError, match=r"checkpointer must be one of"):
         load_branches_config(None, ["checkpointer=fast"])
-    with pytest.raises(ConfigError, match=r"num_workers must be 1"):
-        load_branches_config(None, ["num_workers=2"])
+    with pytest.raises(ConfigError, match=r"num_workers must be a positive number"):
+        load_branches_config(None, ["num_workers=0"])
+    with pytest.raises(ConfigError, match=r"checkpointer='async' needs num_workers=1"):
+        load_branches_config(None, ["num_workers=2", "checkpointer=async"])
+    assert load_branches_config(None, ["num_workers=2"])[1].num_workers == 2
 
 
 def test_sweep_config_grid_keys_and_base_experiment(tmp_path):

@@ -1,0 +1,63 @@
+"""One rank of a part-wise writer for tests/checkpoint/test_parts.py: the same deterministic
+random walk of a state dict on every rank (a replicated state), saved with ``TorchParts`` over a
+gloo group on loopback. With world 1 it is the single writer the parts are compared with.
+
+    python part_writer.py URI RUN BRANCH RANK WORLD PORT CODEC OUT
+
+After every save it records what its encoders hold (ũ of each lossy group it owns) into
+``OUT/recon-<rank>.safetensors`` (keys ``<step>/<group>``) and the groups' names into
+``OUT/names-<rank>.json``: the ground truth a restore must equal bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from safetensors.torch import save_file
+
+from raybranch.checkpoint.checkpointer import Checkpointer
+from raybranch.checkpoint.parts import TorchParts
+
+torch.set_num_threads(1)
+STEPS, EXACT_EVERY = 30, 10
+
+
+def states(n: int = STEPS):
+    """(step, state dict, tags) of a random walk; the same on every call."""
+    g = torch.Generator().manual_seed(7)
+    sd = {"a": torch.randn(64, 32, generator=g), "b": torch.randn(40, generator=g), "c": torch.randn(16, 16, generator=g),
+          "d": torch.randn(200, generator=g), "tiny": torch.zeros(3), "count": torch.zeros((), dtype=torch.int64)}
+    for step in range(1, n + 1):
+        for k in ("a", "b", "c", "d", "tiny"):
+            sd[k] = sd[k] + torch.randn(sd[k].shape, generator=g) * 1e-2
+        sd["count"] = sd["count"] + 1
+        yield step, {k: v.clone() for k, v in sd.items()}, ["exact"] if step % EXACT_EVERY == 0 else []
+
+
+def main(uri: str, run: str, branch: str, rank: int, world: int, port: int, codec: str, out: str) -> None:
+    parts = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        parts = TorchParts(timeout_s=60)
+    ck = Checkpointer(uri, run, branch, codec=codec, key_every=6, flush_every=4, parts=parts)
+    recon, names = {}, {}
+    for step, sd, tags in states():
+        ck.save(step, sd, tags=tags)
+        ck._pipeline.wait()  # internal: the encoders' state after this step
+        for g, enc in ck._enc.encoders.items():
+            recon[f"{step}/{g}"], names[g] = enc.recon.clone(), list(enc.names)
+    ck.close()
+    save_file(recon, os.path.join(out, f"recon-{rank}.safetensors"))
+    with open(os.path.join(out, f"names-{rank}.json"), "w") as f:
+        json.dump(names, f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), a[6], a[7])
