@@ -67,3 +67,17 @@ def test_two_branches_of_two_ddp_workers(tmp_path):
     assert epochs["main"] == epochs["clean"] + 1
     assert verify_store(store, "d").problems == []
     assert torch.isfinite(torch.tensor(out["main"]["acc_live"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_workers_train_with_nccl_and_restore_the_live_model(tmp_path):
+    cfg = ExperimentConfig(name="g", mechanisms=("lc",), split="40/30/30", epochs=2, patience=0, branch_point_max_epochs=2)
+    store = rb.open_store((tmp_path / "store").as_uri())
+    init_run(store, "g", cfg, "lc")
+    ctx = RunContext(store, "g")
+    workers = min(2, torch.cuda.device_count())
+    out = RayRunner(RayJobConfig(num_workers=workers, use_gpu=True, cpus_per_worker=0.5)).train(ctx, [("main", [1])])
+    lin = Lineage(store, "g", "main")
+    assert lin.log.head["world_size"] == workers
+    assert [e["step"] for e in lin.entries_between(1, lin.head_step)] == list(range(1, lin.head_step + 1))
+    assert state_digest(ctx.restored("main").state_dict()) == out["main"]["state_sha256"]

@@ -1,0 +1,182 @@
+"""A multi-node Ray cluster on this one machine with every node on 127.0.0.1, for tests.
+
+``LoopbackCluster`` wraps Ray's own test cluster (``ray.cluster_utils.Cluster``): a head and
+worker nodes, each its own raylet, all on 127.0.0.1, the driver connected to the head.
+``check_loopback`` checks that every node says 127.0.0.1 and that every TCP listener of the
+cluster's processes is bound to loopback; ``kill_node`` drops a worker node abruptly (SIGKILL),
+like a lost machine. Leaving the ``with`` block stops everything, to the last worker process.
+
+Ray needs two nudges to stay on loopback. ``Cluster`` sets no ``node_ip_address``, so a node
+takes the host's routable address and its servers listen on ``::`` / ``0.0.0.0``; with
+``node_ip_address="127.0.0.1"`` every server (gcs_server, raylets, core workers, dashboard and
+runtime-env agents, the Prometheus ports of the monitor and dashboard) binds 127.0.0.1. And
+``ray.init(address=...)`` turns a loopback address into the host's address
+(``services.resolve_ip_for_localhost``) unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false,
+so ``connect`` clears that flag while ``ray.init`` runs.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+from unittest import mock
+
+import ray  # before psutil: Ray puts its vendored psutil on sys.path
+import psutil
+from ray._private import ray_constants
+from ray.cluster_utils import Cluster
+
+from .processes import process_table, with_descendants
+
+LOOPBACK = "127.0.0.1"
+# GCS marks a SIGKILLed node dead after about period x threshold (Ray's default: 3 s x 5)
+FAST_HEALTH_CHECK = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                     "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+
+
+class LoopbackError(AssertionError):
+    """A node or a listening socket of the cluster is not on loopback."""
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (``::ffff:127.0.0.1``, what gRPC's IPv6
+    sockets report)."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+
+
+class LoopbackCluster:
+    """``with LoopbackCluster(head_cpus=1, workers=[{"num_cpus": 1, "resources": {...}}]) as c:``
+
+    ``workers`` are ``Cluster.add_node`` keyword arguments; ``head_args`` extra ones for the
+    head; ``system_config`` Ray's ``_system_config`` (defaults to ``FAST_HEALTH_CHECK``)."""
+
+    def __init__(self, head_cpus: float = 1, workers=(), *, head_args: dict | None = None,
+                 system_config: dict | None = None, connect: bool = True, timeout: float = 60):
+        self.head_args = {"num_cpus": head_cpus, "include_dashboard": False,
+                          "dashboard_host": LOOPBACK, "node_ip_address": LOOPBACK,
+                          "_system_config": dict(FAST_HEALTH_CHECK if system_config is None else system_config),
+                          **(head_args or {})}
+        self.worker_args = [dict(w) for w in workers]
+        self.timeout, self._connect = timeout, connect
+        self.cluster: Cluster | None = None
+        self._seen: dict[int, psutil.Process] = {}  # every cluster process met, for the last sweep
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> LoopbackCluster:
+        self.cluster = Cluster(initialize_head=True, head_node_args=self.head_args)
+        try:
+            for args in self.worker_args:
+                self.add_worker(**args)
+            self.cluster.wait_for_nodes(timeout=self.timeout)
+            if self._connect:
+                self.connect()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def connect(self) -> None:
+        """``ray.init`` the driver to the head, keeping the 127.0.0.1 address as given."""
+        with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+            ray.init(address=self.address)
+
+    def add_worker(self, num_cpus: float = 1, **node_args):
+        """Start one more worker node (waits until it is alive) and return its ``Node``."""
+        return self.cluster.add_node(num_cpus=num_cpus, **{"node_ip_address": LOOPBACK, **node_args})
+
+    def kill_node(self, node, wait_dead: bool = True) -> float:
+        """SIGKILL a worker node's processes (no graceful stop); with ``wait_dead`` wait until
+        the GCS marks it dead and its orphaned workers have exited. Returns seconds taken."""
+        t0 = time.monotonic()
+        pids = self._pids([node])
+        self.cluster.remove_node(node, allow_graceful=False)
+        if wait_dead:
+            while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+                if time.monotonic() - t0 > self.timeout:
+                    raise TimeoutError(f"GCS did not mark node {node.node_id} dead in {self.timeout} s")
+                time.sleep(0.1)
+            self._reap([self._seen[p] for p in pids if p in self._seen], grace=10)
+        return time.monotonic() - t0
+
+    def shutdown(self) -> None:
+        """``ray.shutdown``, stop every node, then SIGKILL any straggler still alive after 10 s."""
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.cluster is not None:
+            self._pids(self.cluster.list_all_nodes())
+            try:
+                self.cluster.shutdown()
+            finally:
+                self.cluster = None
+                self._reap(list(self._seen.values()), grace=10)
+
+    def __enter__(self) -> LoopbackCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def head(self):
+        return self.cluster.head_node
+
+    @property
+    def workers(self) -> list:
+        """Live worker ``Node``s in the order they were added."""
+        return sorted(self.cluster.worker_nodes, key=lambda n: n.node_id and self._order(n))
+
+    def _order(self, node) -> float:
+        return self._seen.setdefault(-id(node), None) or id(node)  # stable, insertion not tracked
+
+    def _pids(self, nodes) -> set[int]:
+        """pids of ``nodes``' processes and everything below them (recorded for the last sweep)."""
+        roots = {info.process.pid for n in nodes for infos in n.all_processes.values() for info in infos}
+        pids = with_descendants(process_table(), roots)
+        for pid in pids:
+            if pid not in self._seen:
+                try:
+                    self._seen[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    pass
+        return pids
+
+    def listening_sockets(self, include_driver: bool = True) -> list[tuple[int, str, str, int]]:
+        """``(pid, process name, ip, port)`` of each TCP socket in LISTEN owned by the cluster."""
+        pids = self._pids(self.cluster.list_all_nodes()) | ({psutil.Process().pid} if include_driver else set())
+        out = []
+        for pid in sorted(pids):
+            try:
+                proc = psutil.Process(pid)
+                conns = proc.net_connections(kind="tcp")
+                name = proc.name()
+            except psutil.Error:  # exited meanwhile
+                continue
+            out += [(pid, name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+        return out
+
+    def check_loopback(self, include_driver: bool = True) -> list[tuple[int, str, str, int]]:
+        """Raise ``LoopbackError`` listing every node not on 127.0.0.1 and every listener not on
+        loopback; return the listeners checked."""
+        bad = [f"node {n['NodeID']} at {n['NodeManagerAddress']}" for n in ray.nodes()
+               if n["NodeManagerAddress"] != LOOPBACK]
+        socks = self.listening_sockets(include_driver)
+        bad += [f"pid {pid} ({name}) listens on {ip}:{port}" for pid, name, ip, port in socks
+                if not is_loopback(ip)]
+        if bad:
+            raise LoopbackError("not on loopback:\n  " + "\n  ".join(bad))
+        return socks
+
+    @staticmethod
+    def _reap(procs, grace: float) -> None:
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
