@@ -100,10 +100,13 @@ def simulate(*, gpus: int = 64, branches: int = 2, steps_per_s: float = 17.0, ch
              key_every: int = KEY_EVERY, standalone_every: int = STANDALONE_EVERY, page_size: int = PAGE_SIZE,
              state_bytes: float | None = None, pipeline_mb_s: float = PIPELINE_MB_S_PER_CORE,
              commit_record_b: float = COMMIT_RECORD_B, page_b_per_step: float = PAGE_B_PER_STEP, page_b_per_commit: float = PAGE_B_PER_COMMIT,
-             top_b_per_page: float = TOP_B_PER_PAGE, parts: int = 1, target: float = 0.10) -> dict:
-    """The figures of one case (per branch, and for the whole run in one prefix). ``parts`` > 1 models
-    the part-wise DDP commit of issue 11 item 1 (not built): each rank writes its part's blob, one
-    record names them all, and the group's byte cap applies to each part."""
+             top_b_per_page: float = TOP_B_PER_PAGE, parts: int | None = None, target: float = 0.10) -> dict:
+    """The figures of one case (per branch, and for the whole run in one prefix). ``parts``: blobs
+    per commit, by default a branch's DDP world size (gpus / branches): each rank writes its part's
+    blob, rank 0's record names them all, and the group's byte cap applies to each part
+    (:mod:`raybranch.checkpoint.parts`)."""
+    if parts is None:
+        parts = max(1, gpus // branches)
     if params is None:
         params = MODELS[model]
     model_b = 4.0 * params if state_bytes is None else float(state_bytes)
@@ -134,7 +137,7 @@ def simulate(*, gpus: int = 64, branches: int = 2, steps_per_s: float = 17.0, ch
     beyond |= {"gpus_at_target": beyond["branches_at_target"] * gpus_per_branch, "gpus_at_limit": beyond["branches_at_limit"] * gpus_per_branch,
                # one branch's own prefix: the checkpoint rate (checkpoints/s) that fills 3,500/s at this group size
                "branch_ckpt_s_at_limit": S3_WRITE_LIMIT / (write_s / ckpt_s),
-               "no_group_commit_write_s": _no_group(ckpt_s, page_size)}
+               "no_group_commit_write_s": _no_group(ckpt_s, page_size, parts)}
     day = 86400.0
     gb_day = whole["bytes_s"] * day / 1e9
     requests = {"put_class_per_day": (whole["put_s"] + whole["list_s"]) * day, "get_per_day": whole["get_s"] * day,
@@ -158,10 +161,11 @@ def simulate(*, gpus: int = 64, branches: int = 2, steps_per_s: float = 17.0, ch
             "meets_target": whole["write_share"] <= target and whole["read_share"] <= target}
 
 
-def _no_group(ckpt_s: float, page_size: int) -> float:
-    """Write-class requests per second per branch with flush_every = 1 (one commit per checkpoint)."""
+def _no_group(ckpt_s: float, page_size: int, parts: int = 1) -> float:
+    """Write-class requests per second per branch with flush_every = 1 (one commit of ``parts``
+    blobs per checkpoint)."""
     seals = ckpt_s / page_size
-    return 2 * ckpt_s + 2 * seals + page_size * seals
+    return (parts + 1) * ckpt_s + 2 * seals + page_size * seals
 
 
 def metadata(n: int, g: int, page_size: int, commit_record_b: float, page_b_per_step: float, top_b_per_page: float,
@@ -215,7 +219,7 @@ def render(r: dict) -> str:
            f"share of the PUT limit, whole run in one prefix: {w['write_share']:.3%} (target <= 10 %): "
            f"{'met' if r['meets_target'] else 'MISSED'}; per branch prefix {b['write_share']:.3%}", "",
            f"CPU pipeline at {i['pipeline_mb_s_per_core']:g} MB/s/core: {b['pipeline_cores']:.0f} cores per branch "
-           f"({b['pipeline_cores_per_rank']:.1f} per rank if every rank encodes its part; not built, issue 11 item 1)",
+           f"({b['pipeline_cores_per_rank']:.1f} per rank: each of the {i['gpus'] // i['branches']} ranks encodes its part)",
            f"beyond: one prefix for the whole run reaches 10 % at {x['branches_at_target']} branches ({x['gpus_at_target']:,.0f} GPUs), "
            f"3,500/s at {x['branches_at_limit']} branches ({x['gpus_at_limit']:,.0f} GPUs);",
            f"        one branch's prefix fills 3,500/s at {x['branch_ckpt_s_at_limit']:,.0f} checkpoints/s; without group commit "
@@ -253,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--standalone-every", type=int, default=STANDALONE_EVERY)
     ap.add_argument("--page-size", type=int, default=PAGE_SIZE)
     ap.add_argument("--pipeline-mb-s", type=float, default=PIPELINE_MB_S_PER_CORE)
-    ap.add_argument("--parts", type=int, default=1, help="blobs per commit (part-wise DDP commit, not built: world size)")
+    ap.add_argument("--parts", type=int, default=None, help="blobs per commit (default: the DDP world size, gpus / branches)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     r = simulate(gpus=a.gpus, branches=a.branches, steps_per_s=a.steps_per_s, checkpoint_every=a.checkpoint_every,

@@ -39,7 +39,6 @@ ranks of a data-parallel group, each writing its part of every step (:mod:`.part
 """
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 import warnings
@@ -47,7 +46,7 @@ import warnings
 import torch
 
 from ..codec.modes import make_params
-from ..errors import FencedError, LapsedWriterFenced, NonFiniteError, NotFoundError, RaybranchError
+from ..errors import FencedError, LapsedWriterFenced, NonFiniteError, RaybranchError
 from ..ledger.branch import BranchWriter
 from ..ledger.lineage import Lineage, create_branch
 from ..ledger.pages import Sealer
@@ -65,6 +64,7 @@ from .pipeline import Pipeline, describe_steps, failure_error
 from .restore import Reader
 from .settings import DEFAULT_FLUSH_EVERY, DEFAULT_FLUSH_SECONDS, DEFAULT_KEY_EVERY, DEFAULT_MAX_PENDING, check_settings
 from .training_state import TrainingState, collect
+from .writer import read_head
 
 
 class Checkpointer:
@@ -128,7 +128,6 @@ class Checkpointer:
         self._lapsed: tuple | None = None  # (epoch, writer id, branch id) held before a failed commit
         self._lost: list[int] = []  # steps of the open group lost with a failure that was not their commit
         self._pool = BufferPool()
-        self._stream = None  # the CUDA stream the pipeline encodes on (a CUDA encoder only)
         solo = self.parts.world == 1  # part-wise, a group closes at a step all ranks agree on, never when idle
         self._pipeline = Pipeline(f"raybranch-save-{self.branch}", self._process, max_pending=max_pending,
                                   step_of=lambda c: c.step, due_in=self._due_in if solo else lambda: None,
@@ -274,7 +273,7 @@ class Checkpointer:
         t0, c0 = time.perf_counter(), time.thread_time()
         rows, refused = [], None
         try:
-            with self._encode_stream():
+            with enc.stream():
                 rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
         except NonFiniteError as exc:
             if self.parts.world == 1:
@@ -305,15 +304,6 @@ class Checkpointer:
         self._group.add(entry, rows)
         if len(self._group) >= self.flush_every or kind != "delta" or c.tags or full or due:
             self._commit_group()
-
-    def _encode_stream(self):
-        """On a CUDA encoder, a stream of the pipeline's own: its kernels do not queue behind (or
-        ahead of) the training's on the default stream."""
-        if self.device is None or self.device.type != "cuda":
-            return contextlib.nullcontext()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        return torch.cuda.stream(self._stream)
 
     def _due_in(self) -> float | None:
         """Seconds until the open group's window closes (None: no group, or no time limit)."""
@@ -397,22 +387,10 @@ class Checkpointer:
             raise
         self._lapsed = None
         self._enc = StateEncoder(self.params, self.key_every, self.standalone_every, self.device, self.restore_budget_s)
-        lin = Lineage(self.store, self.run, log=self._writer.log)
-        if lin.head_step is not None:
-            for attempt in range(8):  # the writer we fenced may still be sealing a page: read again
-                try:
-                    acc, exact, layout, last = self.reader.recon(lin, lin.head_step)
-                    base, base_state, keys = self.reader.exact_base(lin, lin.head_step)
-                    break
-                except NotFoundError:
-                    if attempt == 7:
-                        raise
-                    self._writer.log.open()
-                    self.reader = Reader(self.store, self.run)
-                    lin = Lineage(self.store, self.run, log=self._writer.log)
-            own = own_view(layout, self.parts.rank)
-            self._enc.load(own, last["layout"], {g: a for g, a in acc.items() if g in own["groups"]}, exact, base,
-                           {g: a for g, a in base_state.items() if g in own["groups"]} if base_state else base_state, keys)
+        self.reader, head = read_head(self.store, self.run, self._writer, self.reader)
+        if head is not None:
+            acc, exact, layout, last, base, base_state, keys = head
+            self._enc.load(own_view(layout, self.parts.rank), last["layout"], acc, exact, base, base_state, keys)
             self._head = last
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 

@@ -16,6 +16,7 @@ every exact checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -52,6 +53,16 @@ class StateEncoder:
         self.keys_since_snapshot = 0
         self.last_exact: dict[str, torch.Tensor] = {}
         self.lossy_bytes = 0
+        self._stream = None  # the CUDA stream the pipeline encodes on (a CUDA encoder only)
+
+    def stream(self):
+        """On a CUDA encoder, a stream of the pipeline's own: its kernels do not queue behind (or
+        ahead of) the training's on the default stream."""
+        if self.device is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._stream)
 
     def kind(self, head: dict | None, layout_hash: str, exact: bool) -> str:
         """"delta", "key" or "snapshot" for the next checkpoint."""
@@ -140,6 +151,6 @@ class StateEncoder:
         self.layout_hash = layout_hash
         self.last_exact = dict(exact)
         same_layout = base["layout"] == layout_hash
-        self.ref = base_state if same_layout else None
+        self.ref = {g: base_state[g] for g in layout["groups"]} if same_layout and base_state is not None else None  # a part's groups
         self.ref_at = [base["branch_id"], base["step"]]
         self.keys_since_snapshot = keys + (base["kind"] == "key")

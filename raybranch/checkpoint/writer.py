@@ -1,12 +1,14 @@
 """Becoming a branch's writer: create the branch, register with a new epoch, or rejoin under the
-epoch held before a failed commit (:mod:`raybranch.ledger` has the fencing rules)."""
+epoch held before a failed commit (:mod:`raybranch.ledger` has the fencing rules); and reading the
+head the writer's encoders continue from."""
 from __future__ import annotations
 
-from ..errors import ConflictError, FencedError, LapsedWriterFenced
+from ..errors import ConflictError, FencedError, LapsedWriterFenced, NotFoundError
 from ..ledger.branch import BranchLog, BranchWriter
-from ..ledger.lineage import create_branch
+from ..ledger.lineage import Lineage, create_branch
 from ..ledger.refs import read_branch_ref
 from ..store.store import Store
+from .restore import Reader
 
 
 
@@ -37,4 +39,25 @@ def _rejoin(store: Store, run: str, branch: str, ref, lapsed: tuple) -> BranchWr
     return BranchWriter(log, epoch, writer_id)
 
 
-__all__ = ["LapsedWriterFenced", "acquire_writer"]
+def read_head(store: Store, run: str, writer, reader: Reader, attempts: int = 8) -> tuple[Reader, tuple | None]:
+    """(the reader to keep, None for an empty branch, else the head's (ũ per group, exact tensors,
+    layout, entry, exact base entry, its state, key frames since its snapshot)). A page not found
+    is read again with a fresh reader: the writer just fenced may still be sealing it."""
+    lin = Lineage(store, run, log=writer.log)
+    if lin.head_step is None:
+        return reader, None
+    for attempt in range(attempts):
+        try:
+            acc, exact, layout, last = reader.recon(lin, lin.head_step)
+            base, base_state, keys = reader.exact_base(lin, lin.head_step)
+            return reader, (acc, exact, layout, last, base, base_state, keys)
+        except NotFoundError:
+            if attempt == attempts - 1:
+                raise
+            writer.log.open()
+            reader = Reader(store, run)
+            lin = Lineage(store, run, log=writer.log)
+    return reader, None
+
+
+__all__ = ["LapsedWriterFenced", "acquire_writer", "read_head"]

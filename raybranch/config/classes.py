@@ -133,6 +133,7 @@ class RayJobConfig:
     num_workers: int = 1               # Ray Train workers per branch: > 1 trains it data-parallel (DDP), each rank writing its part
     use_gpu: bool | None = None        # None: whether the cluster has GPUs
     cpus_per_worker: float = 1.0
+    worker_resources: dict = dataclasses.field(default_factory=dict)  # more Ray resources per worker, e.g. {branch_node: 1} to place branches on the nodes offering it
     max_failures: int = 1              # FailureConfig: worker-group restarts per branch
     checkpointer: str = "sync"         # sync: Checkpointer in the worker (pipeline thread) | async: AsyncCheckpointer (checkpoint actor)
     parallel: bool = True              # main and clean at once (False: one after the other)
@@ -147,6 +148,10 @@ class RayJobConfig:
             raise ConfigError(f"max_failures must be ≥ 0 and cpus_per_worker > 0, got {self.max_failures}, {self.cpus_per_worker}")
         if self.checkpointer not in CHECKPOINTERS:
             raise ConfigError(f"checkpointer must be one of {CHECKPOINTERS}, got {self.checkpointer!r}")
+        bad = {k: v for k, v in self.worker_resources.items() if k in ("CPU", "GPU") or not isinstance(v, (int, float)) or v <= 0}
+        if bad:
+            raise ConfigError(f"worker_resources must map custom resource names (not CPU/GPU: cpus_per_worker, use_gpu) "
+                              f"to amounts > 0, got {bad}")
 
 
 @dataclass
