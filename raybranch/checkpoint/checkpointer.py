@@ -48,7 +48,7 @@ import torch
 from ..codec.modes import make_params
 from ..errors import FencedError, LapsedWriterFenced, NonFiniteError, RaybranchError
 from ..ledger.branch import BranchWriter
-from ..ledger.lineage import Lineage, create_branch
+from ..ledger.lineage import Lineage
 from ..ledger.pages import Sealer
 from ..ledger.records import PAGE_SIZE, check_name
 from ..store.store import Store, open_store
@@ -58,7 +58,7 @@ from .encode import StateEncoder
 from .group import MAX_GROUP_BYTES, OpenGroup, RetryPolicy, commit_group
 from .history import branch_log, log_record
 from .layout import LayoutRules
-from .part_commit import agree_step, commit_parts, load_writer
+from .part_commit import agree_step, commit_parts, create_fork, load_writer
 from .parts import Parts, own_view
 from .pipeline import Pipeline, describe_steps, failure_error
 from .restore import Reader
@@ -212,7 +212,7 @@ class Checkpointer:
         lin = Lineage(self.store, self.run, self.branch)
         src = lin.entry(step)
         fork = {"branch_id": src["branch_id"], "branch": lin.branch_name_of(src["branch_id"]), "step": src["step"], "seq": src["seq"]}
-        create_branch(self.store, self.run, branch, fork=fork, page_size=self.segment_size or PAGE_SIZE)
+        create_fork(self.store, self.run, branch, fork, self.segment_size or PAGE_SIZE, self.parts)
         kwargs = {**self._settings, "parts": self.parts, **overrides}
         return Checkpointer(self.store, self.run, branch, **kwargs)
 

@@ -7,6 +7,7 @@ import time
 
 from ..errors import NonFiniteError, StoreError
 from ..ledger.branch import BranchLog
+from ..ledger.lineage import create_branch
 from ..ledger.records import layout_key
 from ..ledger.refs import read_branch_ref
 from ..store.blob import write_blob
@@ -46,9 +47,9 @@ def commit_parts(store: Store, run: str, writer, group: OpenGroup, retry: RetryP
     own: BaseException | None = None
     h, size = "00" * 32, 0
     if group.rows:
-        blob = write_blob(group.rows, {"run": run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]],
-                                       "part": parts.rank, "world_size": parts.world})
         try:
+            blob = write_blob(group.rows, {"run": run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]],
+                                           "part": parts.rank, "world_size": parts.world})
             h, size = _retried(lambda: store.put_blob(run, blob), retry, on_retry)
             if parts.rank == 0:
                 for lh, doc in group.layouts.items():
@@ -89,6 +90,18 @@ def load_writer(store: Store, run: str, branch: str, page_size: int, lapsed: tup
     return Follower(log, code[1])
 
 
+def create_fork(store: Store, run: str, branch: str, fork: dict, page_size: int, parts: Parts) -> None:
+    """The fork's branch created once, by rank 0, before any rank goes on."""
+    own = None
+    if parts.rank == 0:
+        try:
+            create_branch(store, run, branch, fork=fork, page_size=page_size)
+        except BaseException as exc:  # noqa: BLE001 - shared with the other ranks first
+            own = exc
+    code = parts.gather([status_of(own)])[0][0]
+    raise_agreed([code], own if parts.rank == 0 else None, f"fork {branch!r} of run {run!r} not created by rank 0")
+
+
 def _retried(fn, retry: RetryPolicy, on_retry):
     for attempt in range(1, retry.attempts + 1):
         try:
@@ -101,4 +114,4 @@ def _retried(fn, retry: RetryPolicy, on_retry):
     return None
 
 
-__all__ = ["Follower", "OK", "agree_step", "commit_parts", "load_writer"]
+__all__ = ["Follower", "OK", "agree_step", "commit_parts", "create_fork", "load_writer"]

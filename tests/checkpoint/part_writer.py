@@ -2,7 +2,11 @@
 random walk of a state dict on every rank (a replicated state), saved with ``TorchParts`` over a
 gloo group on loopback. With world 1 it is the single writer the parts are compared with.
 
-    python part_writer.py URI RUN BRANCH RANK WORLD PORT CODEC OUT
+    python part_writer.py URI RUN BRANCH RANK WORLD PORT CODEC OUT [FAIL_AT]
+
+With FAIL_AT, rank 1's store refuses the first blob holding step FAIL_AT (a StoreError after its
+retries): each rank records the error its next call raised in ``OUT/error-<rank>.json`` and saves
+again from the head it reads back.
 
 After every save it records what its encoders hold (ũ of each lossy group it owns) into
 ``OUT/recon-<rank>.safetensors`` (keys ``<step>/<group>``) and the groups' names into
@@ -21,6 +25,8 @@ from safetensors.torch import save_file
 
 from raybranch.checkpoint.checkpointer import Checkpointer
 from raybranch.checkpoint.parts import TorchParts
+from raybranch.errors import StoreError
+from raybranch.store.blob import read_blob
 
 torch.set_num_threads(1)
 STEPS, EXACT_EVERY = 30, 10
@@ -38,18 +44,46 @@ def states(n: int = STEPS):
         yield step, {k: v.clone() for k, v in sd.items()}, ["exact"] if step % EXACT_EVERY == 0 else []
 
 
-def main(uri: str, run: str, branch: str, rank: int, world: int, port: int, codec: str, out: str) -> None:
+def refuse_once(ck, rank: int, step: int) -> None:
+    """Rank ``rank``'s first blob holding ``step`` fails to write."""
+    put, state = ck.store.put_blob, {"done": False}
+
+    def put_blob(run, data):
+        lo, hi = read_blob(data)[1]["steps"]
+        if ck.parts.rank == rank and lo <= step <= hi and not state["done"]:
+            state["done"] = True
+            raise StoreError(f"injected: rank {rank} cannot write steps {lo}..{hi}")
+        return put(run, data)
+
+    ck.store.put_blob = put_blob
+
+
+def main(uri: str, run: str, branch: str, rank: int, world: int, port: int, codec: str, out: str,
+         fail_at: int | None = None) -> None:
     parts = None
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         parts = TorchParts(timeout_s=60)
     ck = Checkpointer(uri, run, branch, codec=codec, key_every=6, flush_every=4, parts=parts)
+    if fail_at is not None:
+        refuse_once(ck, 1, fail_at)
     recon, names = {}, {}
-    for step, sd, tags in states():
-        ck.save(step, sd, tags=tags)
+    walk = list(states())
+    i = 0
+    while i < len(walk):
+        step, sd, tags = walk[i]
+        try:
+            ck.save(step, sd, tags=tags)
+        except StoreError as exc:  # the group before this save was not committed, on every rank
+            head = ck.head()["step"]
+            with open(os.path.join(out, f"error-{rank}.json"), "w") as f:
+                json.dump({"type": type(exc).__name__, "message": str(exc), "at_save": step, "head": head}, f)
+            i = head  # walk[head] is step head + 1
+            continue
         ck._pipeline.wait()  # internal: the encoders' state after this step
         for g, enc in ck._enc.encoders.items():
             recon[f"{step}/{g}"], names[g] = enc.recon.clone(), list(enc.names)
+        i += 1
     ck.close()
     save_file(recon, os.path.join(out, f"recon-{rank}.safetensors"))
     with open(os.path.join(out, f"names-{rank}.json"), "w") as f:
@@ -60,4 +94,4 @@ def main(uri: str, run: str, branch: str, rank: int, world: int, port: int, code
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), a[6], a[7])
+    main(a[0], a[1], a[2], int(a[3]), int(a[4]), int(a[5]), a[6], a[7], int(a[8]) if len(a) > 8 else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,13 +25,14 @@ from raybranch.testing.ports import pick_ports
 sys.path.insert(0, os.path.dirname(__file__))
 import part_writer  # noqa: E402
 
+FAIL_AT = 10  # rank 1 cannot write the blob of the group holding step 10
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "part_writer.py")
 
 
-def _write(uri: str, branch: str, world: int, codec: str, out) -> None:
+def _write(uri: str, branch: str, world: int, codec: str, out, *extra: str) -> None:
     port = pick_ports(1)[0]
     os.makedirs(out, exist_ok=True)
-    procs = [subprocess.Popen([sys.executable, WRITER, uri, "r", branch, str(rank), str(world), str(port), codec, str(out)],
+    procs = [subprocess.Popen([sys.executable, WRITER, uri, "r", branch, str(rank), str(world), str(port), codec, str(out), *extra],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
     for p in procs:
         out_, _ = p.communicate(timeout=240)
@@ -43,6 +45,7 @@ def written(tmp_path_factory):
     uri = "file://" + str(root / "store")
     for branch, world, codec in (("ddp", 2, "uniform"), ("lc-solo", 1, "lc"), ("lc-ddp", 2, "lc")):
         _write(uri, branch, world, codec, root / branch)
+    _write(uri, "fault", 2, "uniform", root / "fault", str(FAIL_AT))
     return uri, root
 
 
@@ -50,17 +53,18 @@ def _flat(model: dict, names: list[str]) -> torch.Tensor:
     return torch.cat([model[n].reshape(-1).float() for n in names])
 
 
-def test_every_step_restores_as_the_encoders_built_it(written):
+@pytest.mark.parametrize("branch", ["ddp", "fault"])
+def test_every_step_restores_as_the_encoders_built_it(written, branch):
     uri, root = written
     reader = Reader(open_store(uri), "r")
-    recon = {**load_file(str(root / "ddp" / "recon-0.safetensors")), **load_file(str(root / "ddp" / "recon-1.safetensors"))}
+    recon = {**load_file(str(root / branch / "recon-0.safetensors")), **load_file(str(root / branch / "recon-1.safetensors"))}
     names = {}
     for rank in (0, 1):
-        with open(root / "ddp" / f"names-{rank}.json") as f:
+        with open(root / branch / f"names-{rank}.json") as f:
             names.update(json.load(f))
     assert sorted(names) == ["model.0", "model.1"]
     for step, sd, tags in part_writer.states():
-        model = reader.restore("ddp", step)["model"]
+        model = reader.restore(branch, step)["model"]
         assert list(model) == list(sd)  # the plain state dict, in its order
         for g, ns in names.items():
             got = _flat(model, ns)
@@ -69,6 +73,21 @@ def test_every_step_restores_as_the_encoders_built_it(written):
                 assert torch.equal(got, _flat(sd, ns)), (step, g)
         assert torch.equal(model["count"], sd["count"]) and torch.equal(model["tiny"], sd["tiny"])
         # the fidelity bound holds part by part, hence for the whole state: ‖u − ũ‖ ≤ ρ‖u_t − u_{t−1}‖
+
+
+def test_a_part_not_written_fails_the_commit_on_every_rank(written):
+    uri, root = written
+    errors = [json.loads((root / "fault" / f"error-{rank}.json").read_text()) for rank in (0, 1)]
+    # both ranks raise the same class at the same save and read back the same head: the group that
+    # held step FAIL_AT was committed by neither (nothing half-written), the steps before it stand
+    assert [e["type"] for e in errors] == ["StoreError", "StoreError"]
+    lo, hi = map(int, re.search(r"cannot write steps (\d+)\.\.(\d+)", errors[1]["message"]).groups())
+    assert lo <= FAIL_AT <= hi
+    assert errors[0]["at_save"] == errors[1]["at_save"] and errors[0]["head"] == errors[1]["head"] == lo - 1
+    assert "rank 1 failed" in errors[0]["message"] and f"steps {lo}..{hi} not committed" in errors[0]["message"]
+    lin = Lineage(open_store(uri), "r", "fault")
+    assert [e["step"] for e in lin.entries_between(1, part_writer.STEPS)] == list(range(1, part_writer.STEPS + 1))
+    assert verify_store(open_store(uri), "r").problems == []
 
 
 def test_lc_parts_restore_as_a_single_writer(written):
