@@ -26,7 +26,7 @@ import psutil
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
-from .processes import process_table, with_descendants
+from ..testing.processes import process_table, with_descendants
 
 LOOPBACK = "127.0.0.1"
 # GCS marks a SIGKILLed node dead after about period x threshold (Ray's default: 3 s x 5)
@@ -81,7 +81,8 @@ class LoopbackCluster:
             ray.init(address=self.address)
 
     def add_worker(self, num_cpus: float = 1, **node_args):
-        """Start one more worker node, wait until it is alive, and return its ``Node``."""
+        """Start one more worker node, wait until it is alive, and return its ``Node``. Main
+        thread only (Ray's ``Node`` installs a SIGTERM handler)."""
         node = self.cluster.add_node(num_cpus=num_cpus, **{"node_ip_address": LOOPBACK, **node_args})
         self._added.append(node)
         return node
