@@ -159,7 +159,7 @@ class Checkpointer:
         self._raise_failure()
         if not self._loaded:  # the first save, or the first after a failure: register, read the head
             c = capture(step, state, self.rules, self._pool, self.device, slices=slices, tags=tags, snapshot=snapshot,
-                    rank=self.parts.rank)
+                        rank=self.parts.rank)
             c.release()  # checked before becoming the writer writes anything (the branch, a fence commit)
             self._load_head()
             self._last_step = None if self._head is None else self._head["step"]

@@ -29,23 +29,22 @@ FAIL_AT = 10  # rank 1 cannot write the blob of the group holding step 10
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "part_writer.py")
 
 
-def _write(uri: str, branch: str, world: int, codec: str, out, *extra: str) -> None:
-    port = pick_ports(1)[0]
+def _start(uri: str, branch: str, world: int, codec: str, out, port: int, *extra: str) -> list[subprocess.Popen]:
     os.makedirs(out, exist_ok=True)
-    procs = [subprocess.Popen([sys.executable, WRITER, uri, "r", branch, str(rank), str(world), str(port), codec, str(out), *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-    for p in procs:
-        out_, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out_
+    return [subprocess.Popen([sys.executable, WRITER, uri, "r", branch, str(rank), str(world), str(port), codec, str(out), *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     uri = "file://" + str(root / "store")
-    for branch, world, codec in (("ddp", 2, "uniform"), ("lc-solo", 1, "lc"), ("lc-ddp", 2, "lc")):
-        _write(uri, branch, world, codec, root / branch)
-    _write(uri, "fault", 2, "uniform", root / "fault", str(FAIL_AT))
+    writers = [("ddp", 2, "uniform"), ("lc-solo", 1, "lc"), ("lc-ddp", 2, "lc"), ("fault", 2, "uniform", str(FAIL_AT))]
+    ports = pick_ports(len(writers))
+    procs = [p for (b, w, c, *extra), port in zip(writers, ports) for p in _start(uri, b, w, c, root / b, port, *extra)]
+    for p in procs:  # every branch at once, each group on its own port
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
     return uri, root
 
 

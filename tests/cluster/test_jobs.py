@@ -1,10 +1,12 @@
 """Job submission end to end: a real local Ray head (its own temp dir and free loopback ports), a
 real S3 store (SeaweedFS), the run workflow as one ``ray job submit -- raybranch <command> ...``
-per command, then ``raybranch restore`` from S3 in a separate process where ``import ray`` fails."""
+per command (or per few, chained in one shell line; the Ray ones train 2 DDP workers per branch),
+then ``raybranch restore`` from S3 in a separate process where ``import ray`` fails."""
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import raybranch as rb
+from raybranch.ledger.lineage import Lineage
 from raybranch.ledger.verify import verify_store
 from raybranch.testing.processes import alive, process_table, send_signal, with_descendants
 
@@ -103,17 +106,20 @@ def head(s3_env):
 
 def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(tmp_path, s3_env, head):
     """init, slices 1–3 arriving one by one, slice 2 marked poisoned after slice 3 has trained,
-    quarantine: each command a `ray job submit -- raybranch …` (train 3 and the quarantine on Ray
-    Train workers)."""
+    quarantine: each command (or two chained) a `ray job submit -- raybranch …`; train 3 on Ray
+    Train workers, 2 DDP ranks."""
     env, uri = s3_env
     address = f"http://127.0.0.1:{head.dashboard}"
     s = ["--store", uri, "--run", "job"]
 
-    def submit(*argv: str) -> str:
+    def submit(*commands: list[str]) -> str:
+        """One job running the raybranch commands in turn (a shell line with && for several)."""
         job_id = f"raybranch-test-{uuid.uuid4().hex[:8]}"
+        entry = (["raybranch", *commands[0]] if len(commands) == 1
+                 else ["sh", "-c", " && ".join(shlex.join(["raybranch", *c]) for c in commands)])
         sub = subprocess.run(  # waits for the job and follows its logs
             [*RAY_CLI, "job", "submit", "--address", address, "--working-dir", str(tmp_path / "wd"), "--submission-id", job_id,
-             "--", "raybranch", *argv],  # ray quotes each argument for the shell
+             "--", *entry],  # ray quotes each argument for the shell
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         )
         logs = sub.stdout + sub.stderr
@@ -122,16 +128,19 @@ def test_workflow_as_ray_jobs_on_a_local_head_with_s3_then_restore_without_ray(t
 
     (tmp_path / "wd").mkdir()
     t0 = time.perf_counter()
-    submit("init", *s, "--config", str(ROOT / "jobs/configs/quick.yaml"), "mechanisms=[lc]", "epochs=1", "patience=0",
-           "branch_point_max_epochs=3", "split=40/30/30", "poison_slice=2")
-    for k in (1, 2, 3):
-        logs = submit("train", *s, "--slice", str(k), *(["--ray"] if k == 3 else []))
-        assert f"main trained slice(s) {k} ({'ray' if k == 3 else 'local'}" in logs
-    submit("mark", *s, "--slice", "1", "--verified")
-    submit("mark", *s, "--slice", "3", "--verified")
-    logs = submit("mark", *s, "--slice", "2", "--poisoned")
+    # the run's Ray settings: its --ray commands train each branch as 2 DDP workers
+    submit(["init", *s, "--config", str(ROOT / "jobs/configs/quick.yaml"), "mechanisms=[lc]", "epochs=1", "patience=0",
+            "branch_point_max_epochs=3", "split=40/30/30", "poison_slice=2", "num_workers=2", "cpus_per_worker=0.5"])
+    logs = submit(["train", *s, "--slice", "1"], ["train", *s, "--slice", "2"])
+    assert "main trained slice(s) 1 (local" in logs and "main trained slice(s) 2 (local" in logs
+    logs = submit(["train", *s, "--slice", "3", "--ray"])
+    assert "main trained slice(s) 3 (ray" in logs
+    main = Lineage(rb.open_store(uri), "job", "main")
+    assert main.log.head["world_size"] == 2 and len(main.entry()["parts"]) == 2  # slice 3: both ranks' parts
+    submit(["mark", *s, "--slice", "1", "--verified"], ["mark", *s, "--slice", "3", "--verified"])
+    logs = submit(["mark", *s, "--slice", "2", "--poisoned"])
     assert "clean trained slice(s) 3" in logs
-    logs = submit("quarantine", *s, "--slice", "2", "--ray")
+    logs = submit(["quarantine", *s, "--slice", "2"])  # the replay trains in the job's driver (on Ray: test_runner.py)
     assert "instant recovery: served → job/clean/" in logs and "it is now main" in logs
     print(f"workflow as jobs in {time.perf_counter() - t0:.1f} s")
 

@@ -159,6 +159,11 @@ def test_ddp_branches_on_worker_nodes_survive_a_lost_node(cluster, s3_server, tm
         assert not any(k.startswith("module.") for k in restored)
         assert state_digest(restored) == out["result"][b]["state_sha256"], b
         assert lin.log.head["world_size"] == 2
+        # the restarted group resumed from the last commit (not from the fork at step 0): the cut
+        # slice was trained again from its first epoch on top of it; Ray got its slice end once
+        assert out["result"][b]["trained"][0]["first_step"] > 1, b
+        fit = next(f for f in runner.fits if f["branch"] == b)
+        assert fit["reported"] == [f"n/{b}/{lin.head_step}"], b
     # init created both branches (epoch 1); each attempt registered a writer with a new epoch, fencing the one before
     assert [Lineage(store, "n", b).log.head["epoch"] for b in ("main", "clean")] == [3, 3]
     rep = verify_store(store, "n")

@@ -1,14 +1,12 @@
 """Branches as Ray Train workers (raybranch.cluster.runner) on a real local Ray: the branching job
 (jobs/branches.py: the run operations on the Ray runner) gives the local runner's report fields
 and models, every Ray
-checkpoint resolves to a committed raybranch checkpoint that restores, and a worker killed
-mid-slice resumes from the branch head (its new writer fencing the dead one's)."""
+checkpoint resolves to a committed raybranch checkpoint that restores. (Killed workers and lost
+nodes: tests/cluster/test_loopback.py.)"""
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,12 +16,10 @@ import torch
 import raybranch as rb
 from raybranch.branches.slices import slice_ends
 from raybranch.cluster.pointers import RAY_CHECKPOINT_FILE, RAY_DIR, current_name, resolve_ray_checkpoint, restore_ray_checkpoint
-from raybranch.cluster.runner import RayRunner
-from raybranch.config.classes import ExperimentConfig, RayJobConfig
+from raybranch.config.classes import ExperimentConfig
 from raybranch.ledger.lineage import Lineage
 from raybranch.ledger.verify import verify_store
 from raybranch.runs.experiment import run_experiment
-from raybranch.runs.ops import init_run, train_slice
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(mechanisms=("lc",), epochs=2, patience=0, branch_point_max_epochs=3, settle=1)
@@ -109,45 +105,3 @@ def test_ray_runner_gives_the_local_runners_run_and_ray_checkpoints_resolve(tmp_
     assert sorted(docs) == sorted([("main", 1), ("main", 2), ("main", 3), ("clean", 1), ("clean", 3), ("replay-2", 3)])
     rep = verify_store(store, "t-lc")
     assert rep.problems == [] and rep.counts["steps"] > 0
-
-
-def kill_once(marker: str, branch: str, at_step: int):
-    """A step hook that SIGKILLs the training worker at ``at_step`` of ``branch``, the first time only."""
-
-    def hook(b: str, step: int) -> None:
-        if b == branch and step == at_step and not os.path.exists(marker):
-            Path(marker).write_text(f"killed {os.getpid()} at step {step}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def test_killed_worker_resumes_from_the_branch_head(tmp_path):
-    cfg = ExperimentConfig(name="k", **TINY, flush_every=4)  # the kill loses at most 4 steps
-    store = rb.open_store((tmp_path / "store").as_uri())
-    marker = str(tmp_path / "killed")
-    kill_at = 27  # in slice 2 of main (slices end at steps 19, 38, … here: 18 steps + 1 settle)
-    runner = RayRunner(RayJobConfig(max_failures=1), step_hook=kill_once(marker, "main", kill_at))
-    init_run(store, "k", cfg, "lc")
-    for k in (1, 2):
-        train_slice(store, "k", k, runner)
-
-    assert Path(marker).read_text().startswith("killed")  # the worker did die, once
-    lin = Lineage(store, "k", "main")
-    steps = [e["step"] for e in lin.all_entries()]
-    assert steps == list(range(steps[0], steps[-1] + 1))  # no gap, no duplicate
-    # four writers, each registered with a new epoch: init (step 0), slice 1's worker, the first
-    # attempt at slice 2, the restarted worker (which fenced the one it replaced)
-    log = lin.log
-    commits = [c for p in log.pages for c in log.page(p.first_seq, p.last_seq)["commits"]]
-    commits += [log.commit(s) for s in log.tail_seqs if s > log.sealed_through]
-    assert sorted({c["epoch"] for c in commits}) == [1, 2, 3, 4]
-    ends = slice_ends(lin)
-    assert sorted(ends) == [1, 2] and ends[1] < kill_at < ends[2]
-    # the restarted worker continued from the last committed step: the slice cut short was
-    # trained again from its first epoch on top of it, so slice 2 holds more steps than slice 1
-    assert ends[2] - ends[1] > ends[1] - 0
-    # slice 2's fit reported its slice end once the restarted worker finished it
-    assert runner.fits[-1]["branch"] == "main" and runner.fits[-1]["reported"] == [f"k/main/{ends[2]}"]
-    rep = verify_store(store, "k")
-    assert rep.problems == [] and rep.counts["steps"] == len(steps)

@@ -84,6 +84,7 @@ class Tap:
 def run(args: dict) -> int:
     import raybranch.ledger.pages as pages
     from raybranch.checkpoint import checkpointer as ckmod
+    from raybranch.checkpoint import part_commit as pmod
     from raybranch.checkpoint import writer as wmod
     from raybranch.errors import RaybranchError
     from raybranch.ledger.branch import BranchWriter
@@ -100,7 +101,7 @@ def run(args: dict) -> int:
     store = open_store(args["uri"])
     tap = Tap(store, ev, args.get("kill_at"))
     pages.seal_page = tap.in_phase("seal", pages.seal_page)
-    ckmod.create_branch = tap.in_phase("create", ckmod.create_branch)  # fork()
+    pmod.create_branch = tap.in_phase("create", pmod.create_branch)  # fork()
     wmod.create_branch = tap.in_phase("create", wmod.create_branch)  # a new branch's first save
     register = BranchWriter.register.__func__
     BranchWriter.register = classmethod(tap.in_phase("register", register))
