@@ -16,9 +16,11 @@ the training thread does not. The NaN/Inf check of a CUDA state then runs on the
 (a check on the training thread would wait for the GPU) and its error comes with the next call.
 
 Part-wise (a layout with ``owners``, :mod:`raybranch.checkpoint.parts`): only the rank's own
-chunks and exact tensors are copied, but the NaN/Inf check covers the whole state, by one sum per
-float tensor (a tensor is taken as non-finite when its sum is), so every rank of the group takes
-the same decision on the same replicated state.
+chunks and exact tensors are copied, but the NaN/Inf check covers the whole replicated state, by
+one sum per float tensor (a tensor is taken as non-finite when its sum is), so every rank of the
+group takes the same decision on the same state. The tensors DDP leaves unequal (buffers), which
+rank 0 writes, are checked by rank 0 alone; a NaN there is not raised at capture but kept as
+``refusal``, which the pipeline turns into a refusal all ranks agree on.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..store.store import json_bytes
-from .parts import owned_exact
+from .parts import owned_exact, rank0_only
 
 
 class BufferPool:
@@ -67,7 +69,7 @@ class Capture:
     """One save on its way to the store."""
 
     __slots__ = ("step", "flats", "exact", "exact_flats", "groups", "layout", "layout_hash", "layout_bytes", "meta", "slices",
-                 "tags", "want_exact", "time", "ready", "pool", "sums")
+                 "tags", "want_exact", "time", "ready", "pool", "sums", "refusal")
 
     def release(self) -> None:
         """Hand the flat buffers back to the pool (the encoder copies what it keeps)."""
@@ -81,10 +83,12 @@ class Capture:
         means every entry is finite: one reduction per group on the common path). Part-wise:
         the per-tensor sums of the whole state."""
         if self.sums is not None:
-            names, sums = self.sums
-            bad = torch.nonzero(~torch.isfinite(sums.cpu()))
-            if bad.numel():
-                self._nonfinite(names[int(bad[0])])
+            names, sums, shared = self.sums
+            bad = [int(i) for i in torch.nonzero(~torch.isfinite(sums.cpu())).flatten()]
+            for i in (i for i in bad if shared[i]):
+                self._nonfinite(names[i])
+            if bad:  # only rank 0's own (unreplicated) tensors: refused at the step, by every rank
+                self.refusal = nonfinite_message(names[bad[0]], self.step)
             return
         for g, flat in self.flats.items():
             if not _finite(flat):
@@ -128,13 +132,14 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
     tensors = state.tensors
     c = Capture()
     c.layout, c.groups, exact_names, c.layout_bytes, c.layout_hash = pool.layout(rules, state)
-    c.sums = None
+    c.sums, c.refusal = None, None
     if "owners" in c.layout:
         c.groups = {g: names for g, names in c.groups.items() if c.layout["owners"][g] == rank}
         exact_names = owned_exact(c.layout, exact_names, rank)
-        floats = [n for n, t in tensors.items() if t.is_floating_point()]
+        floats = [n for n, t in tensors.items() if t.is_floating_point() and (rank == 0 or not rank0_only(n, state.buffers))]
         if floats:
-            c.sums = (floats, torch.stack([tensors[n].detach().float().sum() for n in floats]))
+            c.sums = (floats, torch.stack([tensors[n].detach().float().sum() for n in floats]),
+                      [not rank0_only(n, state.buffers) for n in floats])
     c.step, c.meta = step, state.meta
     c.slices, c.tags = list(slices or []), list(tags or [])
     c.want_exact = bool(tags) if snapshot is None else bool(snapshot)

@@ -271,10 +271,11 @@ class Checkpointer:
         enc = self._enc
         kind = enc.kind(self._head, c.layout_hash, exact=c.want_exact)
         t0, c0 = time.perf_counter(), time.thread_time()
-        rows, refused = [], None
+        rows, refused = [], None if c.refusal is None else NonFiniteError(c.refusal)
         try:
-            with enc.stream():
-                rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
+            if refused is None:
+                with enc.stream():
+                    rows, pending = enc.rows(c.step, kind, c.flats, c.exact)  # raises on NaN/Inf: nothing changes
         except NonFiniteError as exc:
             if self.parts.world == 1:
                 raise

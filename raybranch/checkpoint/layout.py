@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import state as st
-from .parts import assign_exact, split_groups
+from .parts import assign_exact, rank0_only, split_groups
 from .training_state import GROUPS
 
 RESERVED = GROUPS[1:]
@@ -51,9 +51,10 @@ class LayoutRules:
             else:
                 exact.append(n)
         owners: dict[str, int] = {}
-        if self.parts > 1:
+        if self.parts > 1:  # rank 0 writes buffers and RNG states whole (raybranch.checkpoint.parts)
             groups, owners = split_groups(groups, {n: tensors[n].numel() for n in tensors}, self.parts)
-            owners.update(assign_exact(exact, {n: tensors[n].numel() * tensors[n].element_size() for n in exact}, self.parts))
+            owners.update(assign_exact(exact, {n: tensors[n].numel() * tensors[n].element_size() for n in exact}, self.parts,
+                                       pinned={n for n in exact if rank0_only(n, buffers)}))
         doc = {
             "groups": {
                 g: {

@@ -8,8 +8,10 @@ Split. The layout (:meth:`raybranch.checkpoint.layout.LayoutRules.layout` with `
 cuts each lossy group g of n tensors into W chunks g.0 … g.(W−1) at tensor boundaries: tensor
 i, whose entries span [c_i, c_i + s_i) of the group's S entries, goes to chunk
 ⌊(c_i + s_i/2)·W / S⌋, so each chunk holds about S/W entries. Exact tensors go, largest first, to
-the rank holding the fewest exact bytes. Rank r captures, encodes and writes the chunks and exact
-tensors it owns (``layout["owners"]``), about 1/W of the state. The codec codes each tensor on
+the rank holding the fewest exact bytes. What DDP does not keep equal across ranks — buffers
+(BatchNorm statistics: each rank's forward updates its own, DDP broadcasts rank 0's at the next
+forward) and RNG states — is rank 0's to write, whole, as DDP's own rule has it. Rank r captures,
+encodes and writes the chunks and exact tensors it owns (``layout["owners"]``), about 1/W of the state. The codec codes each tensor on
 its own (per-tensor scales), so the reconstruction ũ is the same bit for bit as one writer's.
 
 Agreement. Every decision that could differ between ranks is taken on values all ranks share:
@@ -68,12 +70,24 @@ class TorchParts(Parts):
         return [o.tolist() for o in out]
 
 
-def split_groups(groups: dict[str, list[str]], sizes: dict[str, int], world: int) -> tuple[dict[str, list[str]], dict[str, int]]:
+def rank0_only(name: str, buffers) -> bool:
+    """What DDP does not keep equal across ranks, so rank 0 writes it: buffers (each rank's
+    forward updates its own BatchNorm statistics; DDP broadcasts rank 0's at the next forward)
+    and RNG states."""
+    return name in buffers or name.startswith("rng/")
+
+
+def split_groups(groups: dict[str, list[str]], sizes: dict[str, int], world: int,
+                 whole: tuple[str, ...] = ("buffers",)) -> tuple[dict[str, list[str]], dict[str, int]]:
     """({chunk name: names}, {chunk name: owner rank}): each group cut into ``world`` chunks at
-    tensor boundaries (see the module docstring); empty chunks are left out."""
+    tensor boundaries (see the module docstring); empty chunks are left out. A group in ``whole``
+    stays one chunk, ``<group>.0``, rank 0's."""
     out: dict[str, list[str]] = {}
     owners: dict[str, int] = {}
     for g, names in groups.items():
+        if g in whole:
+            out[f"{g}.0"], owners[f"{g}.0"] = list(names), 0
+            continue
         total = sum(sizes[n] for n in names)
         start = 0
         for n in names:
@@ -84,11 +98,12 @@ def split_groups(groups: dict[str, list[str]], sizes: dict[str, int], world: int
     return out, owners
 
 
-def assign_exact(names: list[str], nbytes: dict[str, int], world: int) -> dict[str, int]:
-    """{name: rank}: largest first, each to the rank holding the fewest bytes so far (ties: lowest rank)."""
+def assign_exact(names: list[str], nbytes: dict[str, int], world: int, pinned=()) -> dict[str, int]:
+    """{name: rank}: ``pinned`` names to rank 0; the others largest first, each to the rank holding
+    the fewest bytes so far (ties: lowest rank)."""
     load = [0] * world
-    owners = {}
-    for n in sorted(names, key=lambda n: (-nbytes[n], n)):
+    owners = {n: 0 for n in names if n in pinned}
+    for n in sorted((n for n in names if n not in owners), key=lambda n: (-nbytes[n], n)):
         r = min(range(world), key=lambda i: (load[i], i))
         owners[n] = r
         load[r] += nbytes[n]
@@ -139,5 +154,5 @@ def raise_agreed(codes: list[int], own: BaseException | None, what: str) -> None
     raise _ERRORS[c](f"{what}: rank {r} failed ({_ERRORS[c].__name__}); see its log")
 
 
-__all__ = ["Parts", "TorchParts", "assign_exact", "hash_ints", "ints_hash", "own_view", "owned_exact", "raise_agreed",
+__all__ = ["Parts", "TorchParts", "assign_exact", "rank0_only", "hash_ints", "ints_hash", "own_view", "owned_exact", "raise_agreed",
            "split_groups", "status_of"]

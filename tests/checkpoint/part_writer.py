@@ -32,16 +32,21 @@ torch.set_num_threads(1)
 STEPS, EXACT_EVERY = 30, 10
 
 
-def states(n: int = STEPS):
-    """(step, state dict, tags) of a random walk; the same on every call."""
+def states(n: int = STEPS, rank: int = 0):
+    """(step, state dict, tags) of a random walk; the same on every call. The BatchNorm statistic
+    ``bn.running_mean`` differs by rank (as under DDP, where each rank's forward updates its own):
+    rank 0's is the one a checkpoint holds."""
     g = torch.Generator().manual_seed(7)
     sd = {"a": torch.randn(64, 32, generator=g), "b": torch.randn(40, generator=g), "c": torch.randn(16, 16, generator=g),
-          "d": torch.randn(200, generator=g), "tiny": torch.zeros(3), "count": torch.zeros((), dtype=torch.int64)}
+          "d": torch.randn(200, generator=g), "tiny": torch.zeros(3), "count": torch.zeros((), dtype=torch.int64),
+          "bn.running_mean": torch.zeros(24)}
     for step in range(1, n + 1):
-        for k in ("a", "b", "c", "d", "tiny"):
+        for k in ("a", "b", "c", "d", "tiny", "bn.running_mean"):
             sd[k] = sd[k] + torch.randn(sd[k].shape, generator=g) * 1e-2
         sd["count"] = sd["count"] + 1
-        yield step, {k: v.clone() for k, v in sd.items()}, ["exact"] if step % EXACT_EVERY == 0 else []
+        out = {k: v.clone() for k, v in sd.items()}
+        out["bn.running_mean"] += rank
+        yield step, out, ["exact"] if step % EXACT_EVERY == 0 else []
 
 
 def refuse_once(ck, rank: int, step: int) -> None:
@@ -68,7 +73,7 @@ def main(uri: str, run: str, branch: str, rank: int, world: int, port: int, code
     if fail_at is not None:
         refuse_once(ck, 1, fail_at)
     recon, names = {}, {}
-    walk = list(states())
+    walk = list(states(rank=rank))
     i = 0
     while i < len(walk):
         step, sd, tags = walk[i]

@@ -1,7 +1,8 @@
 """Part-wise checkpoints: two ranks (real processes, gloo on loopback) write one replicated
-state. Every step restores bit for bit as the reconstruction the ranks' encoders built, exact
-steps as the saved state, and with LC (a per-tensor codec) as a single writer's; every commit
-names both parts and the world size, and the chain has no gap."""
+state (but a BatchNorm statistic that differs by rank, as under DDP). Every step restores bit for
+bit as the reconstruction the ranks' encoders built, exact steps as rank 0's saved state, and
+with LC (a per-tensor codec) as a single writer's; every commit names both parts and the world
+size, and the chain has no gap."""
 from __future__ import annotations
 
 import json
@@ -61,14 +62,14 @@ def test_every_step_restores_as_the_encoders_built_it(written, branch):
     for rank in (0, 1):
         with open(root / branch / f"names-{rank}.json") as f:
             names.update(json.load(f))
-    assert sorted(names) == ["model.0", "model.1"]
+    assert sorted(names) == ["buffers.0", "model.0", "model.1"]  # the BatchNorm statistic is rank 0's to write
     for step, sd, tags in part_writer.states():
         model = reader.restore(branch, step)["model"]
         assert list(model) == list(sd)  # the plain state dict, in its order
         for g, ns in names.items():
             got = _flat(model, ns)
             assert torch.equal(got.view(torch.int32), recon[f"{step}/{g}"].view(torch.int32)), (step, g)
-            if tags:  # an exact checkpoint is the saved (rank 0's) state itself
+            if tags:  # an exact checkpoint is the saved state itself, rank 0's buffers included
                 assert torch.equal(got, _flat(sd, ns)), (step, g)
         assert torch.equal(model["count"], sd["count"]) and torch.equal(model["tiny"], sd["tiny"])
         # the fidelity bound holds part by part, hence for the whole state: ‖u − ũ‖ ≤ ρ‖u_t − u_{t−1}‖
@@ -118,5 +119,10 @@ def test_split_is_balanced_at_tensor_boundaries():
     doc, _, _ = LayoutRules(parts=2).layout(
         {"a": torch.zeros(64, 32), "tiny": torch.zeros(3), "n": torch.zeros((), dtype=torch.int64)}, set())
     assert doc["parts"] == 2 and doc["owners"] == {"model.1": 1, "tiny": 0, "n": 1}  # one tensor: its midpoint is S/2
+    # buffers (and RNG states) are rank 0's, whole
+    doc, _, _ = LayoutRules(parts=2).layout({"a": torch.zeros(64), "bn.running_mean": torch.zeros(64), "bn.running_var": torch.zeros(64),
+                                             "bn.tiny": torch.zeros(2), "rng/torch": torch.zeros(8, dtype=torch.uint8)},
+                                            {"bn.running_mean", "bn.running_var", "bn.tiny"})
+    assert doc["owners"] == {"model.1": 1, "buffers.0": 0, "bn.tiny": 0, "rng/torch": 0}
     h = "ab" * 32
     assert ints_hash(hash_ints(h)) == h
