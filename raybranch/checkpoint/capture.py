@@ -136,10 +136,10 @@ def capture(step: int, state, rules, pool: BufferPool, device: torch.device | No
     if "owners" in c.layout:
         c.groups = {g: names for g, names in c.groups.items() if c.layout["owners"][g] == rank}
         exact_names = owned_exact(c.layout, exact_names, rank)
-        floats = [n for n, t in tensors.items() if t.is_floating_point() and (rank == 0 or not rank0_only(n, state.buffers))]
+        shared = {n: not rank0_only(n, state.buffers) for n, t in tensors.items() if t.is_floating_point()}
+        floats = [n for n, sh in shared.items() if sh or rank == 0]
         if floats:
-            c.sums = (floats, torch.stack([tensors[n].detach().float().sum() for n in floats]),
-                      [not rank0_only(n, state.buffers) for n in floats])
+            c.sums = (floats, torch.stack([tensors[n].detach().float().sum() for n in floats]), [shared[n] for n in floats])
     c.step, c.meta = step, state.meta
     c.slices, c.tags = list(slices or []), list(tags or [])
     c.want_exact = bool(tags) if snapshot is None else bool(snapshot)

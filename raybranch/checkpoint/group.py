@@ -40,6 +40,19 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         return min(self.cap_s, self.base_s * 2.0 ** (failures - 1))
 
+    def run(self, fn, on_retry=lambda: None, what: str = "commit"):
+        """``fn()``, again after each store error (``on_retry()``, then the delay); the last one
+        is raised as a StoreError naming ``what``."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except (StoreError, OSError) as exc:
+                if attempt == self.attempts:
+                    raise StoreError(f"{what} failed after {attempt} attempts: {' '.join(str(exc).split())}") from None
+                on_retry()
+                time.sleep(self.delay(attempt))
+        return None
+
 
 @dataclass
 class OpenGroup:
@@ -72,20 +85,20 @@ def commit_group(store: Store, run: str, writer: BranchWriter, group: OpenGroup,
     (``writer.found_committed`` counts the records an attempt had created already)."""
     steps = group.steps
     blob = write_blob(group.rows, {"run": run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]]})
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            for h, doc in group.layouts.items():  # right before the commit, like the blob: gc's grace covers both
-                if not store.create(layout_key(run, h), doc):
-                    store.touch(layout_key(run, h))
-            h, size = store.put_blob(run, blob)
-            writer.commit(group.entries, [{"name": "0", "blob": [h, size]}],
-                          slices=sorted({k for e in group.entries for k in e["slices"]}))
-            return
-        except (StoreError, OSError) as exc:
-            if attempt == retry.attempts:
-                raise StoreError(f"commit failed after {attempt} attempts: {' '.join(str(exc).split())}") from None
-            on_retry()
-            time.sleep(retry.delay(attempt))
+
+    def attempt() -> None:
+        write_layouts(store, run, group.layouts)  # right before the commit, like the blob: gc's grace covers both
+        h, size = store.put_blob(run, blob)
+        writer.commit(group.entries, [{"name": "0", "blob": [h, size]}], slices=sorted({k for e in group.entries for k in e["slices"]}))
+
+    retry.run(attempt, on_retry)
 
 
-__all__ = ["MAX_GROUP_BYTES", "OpenGroup", "RetryPolicy", "commit_group"]
+def write_layouts(store: Store, run: str, layouts: dict[str, bytes]) -> None:
+    """The layouts a group first names: created, or refreshed (gc's grace) when they exist."""
+    for h, doc in layouts.items():
+        if not store.create(layout_key(run, h), doc):
+            store.touch(layout_key(run, h))
+
+
+__all__ = ["MAX_GROUP_BYTES", "OpenGroup", "RetryPolicy", "commit_group", "write_layouts"]

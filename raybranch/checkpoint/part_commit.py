@@ -3,16 +3,14 @@ has the protocol): agreeing on a step, committing a group from every rank's blob
 the branch's writer (rank 0) or following it (the others)."""
 from __future__ import annotations
 
-import time
 
-from ..errors import NonFiniteError, StoreError
+from ..errors import NonFiniteError
 from ..ledger.branch import BranchLog
 from ..ledger.lineage import create_branch
-from ..ledger.records import layout_key
 from ..ledger.refs import read_branch_ref
 from ..store.blob import write_blob
 from ..store.store import Store
-from .group import MAX_GROUP_BYTES, OpenGroup, RetryPolicy
+from .group import MAX_GROUP_BYTES, OpenGroup, RetryPolicy, write_layouts
 from .parts import FENCED, OK, Parts, hash_ints, ints_hash, raise_agreed, status_of
 from .writer import acquire_writer
 
@@ -50,11 +48,9 @@ def commit_parts(store: Store, run: str, writer, group: OpenGroup, retry: RetryP
         try:
             blob = write_blob(group.rows, {"run": run, "branch_id": writer.bid, "steps": [steps[0], steps[-1]],
                                            "part": parts.rank, "world_size": parts.world})
-            h, size = _retried(lambda: store.put_blob(run, blob), retry, on_retry)
+            h, size = retry.run(lambda: store.put_blob(run, blob), on_retry, "writing the part")
             if parts.rank == 0:
-                for lh, doc in group.layouts.items():
-                    _retried(lambda lh=lh, doc=doc: store.create(layout_key(run, lh), doc) or store.touch(layout_key(run, lh)),
-                             retry, on_retry)
+                retry.run(lambda: write_layouts(store, run, group.layouts), on_retry, "writing the layouts")
         except BaseException as exc:  # noqa: BLE001 - shared with the other ranks first
             own = exc
     votes = parts.gather([status_of(own), int(size), *hash_ints(h)])
@@ -63,7 +59,7 @@ def commit_parts(store: Store, run: str, writer, group: OpenGroup, retry: RetryP
         named = [{"name": str(r), "blob": [ints_hash(v[2:]), int(v[1])]} for r, v in enumerate(votes) if v[1] > 0]
         slices = sorted({k for e in group.entries for k in e["slices"]})
         try:
-            _retried(lambda: writer.commit(group.entries, named, world_size=parts.world, slices=slices), retry, on_retry)
+            retry.run(lambda: writer.commit(group.entries, named, world_size=parts.world, slices=slices), on_retry)
         except BaseException as exc:  # noqa: BLE001 - shared with the other ranks first
             own = exc
     codes = parts.gather([status_of(own)])
@@ -100,18 +96,6 @@ def create_fork(store: Store, run: str, branch: str, fork: dict, page_size: int,
             own = exc
     code = parts.gather([status_of(own)])[0][0]
     raise_agreed([code], own if parts.rank == 0 else None, f"fork {branch!r} of run {run!r} not created by rank 0")
-
-
-def _retried(fn, retry: RetryPolicy, on_retry):
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            return fn()
-        except (StoreError, OSError) as exc:
-            if attempt == retry.attempts:
-                raise StoreError(f"failed after {attempt} attempts: {' '.join(str(exc).split())}") from None
-            on_retry()
-            time.sleep(retry.delay(attempt))
-    return None
 
 
 __all__ = ["Follower", "OK", "agree_step", "commit_parts", "create_fork", "load_writer"]
