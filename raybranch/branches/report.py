@@ -14,9 +14,15 @@ import json
 import math
 import os
 
+from ..config.classes import ExperimentConfig
 from .metrics import BRANCH_KEYS, RECOVERY_KEYS, targets
 
 PLOTS = ("accuracy_per_slice.png", "bytes_per_branch.png")
+
+
+def _lora_s(cfg: dict) -> float:
+    """The Delta-LoRA scale s of a run's config dict (lora_scale, or α/r, α/√r)."""
+    return ExperimentConfig.from_dict(cfg).lora_s()
 
 
 def _pct(x) -> str:
@@ -44,7 +50,9 @@ def markdown(result: dict) -> str:
         f"{_pct(result['branch_point']['val_acc'])}, test {_pct(result['branch_point']['acc'])} (target {_pct(cfg['branch_point_target'])}).",
         f"SGD lr {cfg['lr']} (Delta-LoRA models {cfg['lora_lr']}), batch {cfg['batch_size']}, ≤ {cfg['epochs']} epochs per slice, "
         f"early stopping patience {cfg['patience']}, a checkpoint every {cfg['checkpoint_every']} step(s), LC {cfg['bits']} bits "
-        f"({cfg['granularity']} buckets), Delta-LoRA on `{cfg['lora_pattern']}` r={cfg['lora_rank']} s={cfg['lora_scale']}, "
+        f"({cfg['granularity']} buckets), Delta-LoRA on `{cfg['lora_pattern']}` r={cfg['lora_rank']} s={_lora_s(cfg):g} "
+        f"λ={cfg.get('lora_lam', 1.0)} init {cfg.get('lora_init', 'lora')} (B's lr × {cfg.get('lora_b_ratio', 1.0)}, "
+        f"dense lr {cfg.get('lora_dense_lr') or cfg['lora_lr']}), "
         f"merge at slice end: {cfg['lora_merge']}.",
         "",
         "## Table 1 shape: compression and final accuracy (model state; plain SGD has no optimizer tensors)",

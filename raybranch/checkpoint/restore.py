@@ -11,7 +11,8 @@ snapshot its refs lead to, one decode per key frame (at most ``standalone_every`
 For each lossy group, acc = that exact state, then for every delta on the chain, in order,
 acc ← acc + Q(δ) (:func:`raybranch.codec.modes.apply_rows`) — the same float32 operations the
 encoder made, so the result equals the encoder's reconstruction bit for bit. Exact tensors are
-taken from the newest checkpoint on the chain that stored them (unchanged ones are not re-stored).
+taken from the newest checkpoint on the chain, or on its key frames' refs back to the snapshot,
+that stored them (unchanged ones are not re-stored, not even by a key frame).
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts, refs: li
     ``refs``: the exact entries the chain's first one is coded against, from a standalone
     snapshot on (empty when it is one). Decoding starts at the chain's last exact entry
     (retention may have turned a step inside a chain into one); exact tensors are looked up from
-    the end back to the chain's start."""
+    the end back to the chain's start, then through ``refs`` back to the snapshot (a key frame
+    stores only the exact tensors that changed)."""
     full = chain
     start = max(i for i, e in enumerate(chain) if e["kind"] in EXACT_KINDS)
     chain = chain[start:]
@@ -147,7 +149,7 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts, refs: li
             raise CorruptBlobError(f"the deltas of group {g!r} from {chain[0]['branch_id']}/{chain[0]['step']} to step "
                                    f"{chain[-1]['step']} cannot be decoded: {exc}") from None
     exact: dict[str, torch.Tensor] = {}
-    for e in reversed(full):
+    for e in reversed(exacts[:-1] + full if len(exacts) > 1 else full):  # a key frame stores only changed ones
         for r in _rows_of(blobs, e):
             if r.kind == "exact" and r.name not in exact:
                 arr = decode_exact(r.payload, st.numpy_storage_dtype(r.dtype), r.shape)

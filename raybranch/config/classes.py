@@ -20,6 +20,7 @@ from ..errors import ConfigError, RaybranchError
 MECHANISMS = ("lc", "lc+dlora")
 SLICE_END = ("exact", "lossy")
 LORA_MERGE = ("none", "slice-end")
+LORA_INITS = ("lora", "svd")
 POISON_KINDS = ("backdoor", "flip", "none")
 @dataclass
 class ExperimentConfig:
@@ -36,7 +37,7 @@ class ExperimentConfig:
     branch_point_target: float = 0.75  # validation accuracy of the branch point
     branch_point_max_epochs: int = 40
     lr: float = 0.05                   # plain SGD (report: SGD, lr 0.08, batch 128 on MNIST)
-    lora_lr: float = 0.1               # SGD lr of the Delta-LoRA models
+    lora_lr: float = 0.1               # SGD lr of the factors A (and B: × lora_b_ratio) of the Delta-LoRA models
     batch_size: int = 32
     epochs: int = 30                   # per slice, at most
     patience: int = 6                  # epochs without a better validation accuracy (0: no early stopping)
@@ -57,9 +58,18 @@ class ExperimentConfig:
     snapshot_every: int | None = None  # deltas between exact key frames (None: the Checkpointer's default)
     segment_size: int = 0              # > 0: compact pages of that many commits (0: group commits, written once)
     flush_every: int = 64              # steps per group commit: what a killed worker may have to train again
-    lora_pattern: str = "classifier"
+    # Delta-LoRA knobs (docs/DELTA_LORA.md). A config file or override that leaves one out gets
+    # its model's default from raybranch/config/lora_defaults.yaml (:mod:`.lora_defaults`).
+    lora_pattern: str = "classifier"   # a preset of raybranch.lora.PRESETS (classifier, linear, conv, all, vit-*) or a regex
     lora_rank: int = 8
-    lora_scale: float = 0.5
+    lora_scale: float = 0.5            # s in h = W x + s·B A x, unless lora_alpha is set
+    lora_alpha: float | None = None    # s = α/r (peft), or α/√r with lora_rslora (rsLoRA)
+    lora_rslora: bool = False
+    lora_lam: float = 1.0              # λ in W ← W + λ·s·(B'A' − BA)
+    lora_init: str = "lora"            # lora (kaiming A, B = 0) | svd (the branch point's warm-up update, folded out)
+    lora_b_ratio: float = 1.0          # LoRA+: B's lr = lora_b_ratio × lora_lr
+    lora_dense_lr: float | None = None # lr of the parameters with no adapter (None: lora_lr)
+    lora_train_bias: bool = False      # the adapted layers' biases train (at lora_dense_lr) or stay frozen
     lora_merge: str = "none"           # none | slice-end (merge & re-initialise A, B)
     compare_lora_merge: bool = False   # also run main with the other merge policy, record both
 
@@ -73,6 +83,12 @@ class ExperimentConfig:
         """Whether ``branch``'s slice ends are exact key frames (all of them with slice_end="exact";
         otherwise the clean branch's of the ``serve_snapshot`` mechanisms, which are served)."""
         return self.slice_end == "exact" or (mech in self.serve_snapshot and branch == "clean")
+
+    def lora_s(self) -> float:
+        """The scale s of the Delta-LoRA layers: lora_scale, or α/r (α/√r with lora_rslora)."""
+        if self.lora_alpha is None:
+            return self.lora_scale
+        return self.lora_alpha / (self.lora_rank ** 0.5 if self.lora_rslora else self.lora_rank)
 
     def validate(self) -> None:
         fracs = split_spec(self.split)
@@ -89,6 +105,13 @@ class ExperimentConfig:
             raise RaybranchError(f"epochs and batch_size must be ≥ 1 and patience ≥ 0, got {self.epochs}, {self.batch_size}, {self.patience}")
         if self.slice_end not in SLICE_END:
             raise RaybranchError(f"slice_end must be one of {SLICE_END}, got {self.slice_end!r}")
+        if self.lora_init not in LORA_INITS:
+            raise RaybranchError(f"lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
+        lrs = {"lora_lr": self.lora_lr, "lora_b_ratio": self.lora_b_ratio, "lora_dense_lr": self.lora_dense_lr,
+               "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
+        bad = {k: v for k, v in lrs.items() if v is not None and not v > 0}
+        if bad or self.lora_s() == 0:
+            raise RaybranchError(f"Delta-LoRA rates, rank and scale must be > 0, got {bad or {'lora_scale': self.lora_s()}}")
         if self.lora_merge not in LORA_MERGE:
             raise RaybranchError(f"lora_merge must be one of {LORA_MERGE}, got {self.lora_merge!r}")
 
@@ -156,7 +179,8 @@ class RayJobConfig:
 
 @dataclass
 class SweepConfig:
-    """A Ray Tune grid over split × LoRA rank × bits × snapshot policy × mechanism.
+    """A Ray Tune grid over split × seed × LoRA rank × bits × snapshot policy × mechanism × the
+    ``grid`` keys (any other ExperimentConfig keys, e.g. ``lora_lr: [0.1, 0.2]``).
 
     Each trial trains ``main`` (no poison) of one mechanism from the branch point on the split's
     slices, in a run of its own (``<name>-<trial tag>``). ``lc`` does not depend on the LoRA
@@ -175,6 +199,8 @@ class SweepConfig:
     scheduler: str = "none"              # none | asha (stops trials whose accuracy lags, by share of data trained)
     asha_grace_percent: float = 25.0     # ASHA: no trial stops before this share (%) of its slices
     asha_reduction_factor: float = 2.0
+    seeds: tuple[int, ...] = ()          # every trial once per seed (empty: the experiment's seed only)
+    grid: dict = dataclasses.field(default_factory=dict)  # more ExperimentConfig keys → lists of values, every combination
     max_concurrent: int = 2              # trials at once
     cpus_per_trial: float = 1.0
     experiment: dict = dataclasses.field(default_factory=dict)  # ExperimentConfig keys every trial starts from
@@ -199,13 +225,33 @@ class SweepConfig:
         if self.asha_grace_percent <= 0 or self.asha_reduction_factor <= 1:
             raise ConfigError(f"asha_grace_percent must be > 0 and asha_reduction_factor > 1, got {self.asha_grace_percent}, {self.asha_reduction_factor}")
         self.base_experiment()  # unknown or ill-typed experiment keys fail here
+        self.check_grid()
 
-    def base_experiment(self) -> ExperimentConfig:
-        """The ExperimentConfig every trial starts from (``experiment`` keys, coerced)."""
+    def check_grid(self) -> None:
+        """``grid`` keys are ExperimentConfig keys the sweep does not set itself, each with a
+        non-empty list of values of the key's type (ConfigError otherwise)."""
         from .files import build
 
-        return build(ExperimentConfig, self.experiment, where="sweep key 'experiment'")
+        own = {"split", "seed", "bits", "snapshot_every", "mechanisms", "lora_rank", "name", "poison"}
+        fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        for key, values in self.grid.items():
+            if key in own or key not in fields:
+                why = "is set by the sweep's own keys (splits, seeds, bits, snapshot_every, mechanisms, ranks)" \
+                    if key in own else "is not an experiment key"
+                raise ConfigError(f"sweep grid key {key!r} {why}")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"sweep grid key {key!r} needs a non-empty list of values, got {values!r}")
+            for v in values:
+                build(ExperimentConfig, {**self.experiment, key: v}, where=f"sweep grid value {key}={v!r}").validate()
+
+    def base_experiment(self) -> ExperimentConfig:
+        """The ExperimentConfig every trial starts from (``experiment`` keys, coerced, with the
+        model's Delta-LoRA defaults for the keys it leaves out)."""
+        from .files import build
+        from .lora_defaults import with_model_defaults
+
+        return build(ExperimentConfig, with_model_defaults(self.experiment), where="sweep key 'experiment'")
 
 
-__all__ = ["CHECKPOINTERS", "LORA_MERGE", "MECHANISMS", "POISON_KINDS", "SCHEDULERS",
+__all__ = ["CHECKPOINTERS", "LORA_INITS", "LORA_MERGE", "MECHANISMS", "POISON_KINDS", "SCHEDULERS",
            "SLICE_END", "ExperimentConfig", "RayJobConfig", "SweepConfig"]

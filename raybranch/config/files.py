@@ -31,6 +31,7 @@ import yaml
 
 from ..errors import ConfigError, RaybranchError
 from .classes import ExperimentConfig, RayJobConfig, SweepConfig
+from .lora_defaults import with_model_defaults
 
 # -- reading ------------------------------------------------------------------------------------
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -180,7 +181,7 @@ def load_branches_config(path: str | os.PathLike | None, overrides: list[str] | 
     for key in values:
         if key not in exp_keys | job_keys:
             raise _unknown(str(key), sorted(exp_keys | job_keys), where if key not in text_keys else "in the overrides")
-    exp = build(ExperimentConfig, {k: v for k, v in values.items() if k in exp_keys}, where, text_keys)
+    exp = build(ExperimentConfig, with_model_defaults({k: v for k, v in values.items() if k in exp_keys}), where, text_keys)
     job = build(RayJobConfig, {k: v for k, v in values.items() if k in job_keys}, where, text_keys)
     try:
         exp.validate()

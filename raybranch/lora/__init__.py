@@ -1,7 +1,9 @@
 """Delta-LoRA layers (report §5.2.3), their injection into models, and checkpoint helpers."""
 
 from raybranch.lora.inject import (
+    PRESET_KINDS,
     PRESETS,
+    conv_sites,
     delta_lora_layers,
     delta_lora_step,
     inject_delta_lora,
@@ -16,6 +18,7 @@ from raybranch.lora.inject import (
     reanchor,
 )
 from raybranch.lora.layer import (
+    DeltaLoRAConv2d,
     DeltaLoRALinear,
     DeltaLoRAMultiheadAttention,
     default_rank,
@@ -24,7 +27,10 @@ from raybranch.lora.layer import (
 
 __all__ = [
     "PRESETS",
+    "PRESET_KINDS",
+    "DeltaLoRAConv2d",
     "DeltaLoRALinear",
+    "conv_sites",
     "DeltaLoRAMultiheadAttention",
     "default_rank",
     "delta_lora_layers",

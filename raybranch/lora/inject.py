@@ -1,9 +1,9 @@
 """Model surgery and model-level helpers for Delta-LoRA.
 
 * ``inject_delta_lora`` swaps the ``nn.Linear`` layers whose qualified names match a pattern
-  for :class:`DeltaLoRALinear` (and a matching ``nn.MultiheadAttention`` for
-  :class:`DeltaLoRAMultiheadAttention`); ``merge_delta_lora`` turns a copy back into plain
-  modules for export.
+  for :class:`DeltaLoRALinear`, the ``nn.Conv2d`` ones for :class:`DeltaLoRAConv2d` (and a
+  matching ``nn.MultiheadAttention`` for :class:`DeltaLoRAMultiheadAttention`);
+  ``merge_delta_lora`` turns a copy back into plain modules for export.
 * ``delta_lora_step`` is the per-step W update; ``lora_parameters`` / ``non_lora_parameters``
   build the optimizer (W is a buffer and is never handed to it).
 * Checkpointing. Between anchors W_t = W_a + λ·s·(B_t A_t − B_a A_a) exactly as the layer
@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from raybranch.lora.base import DeltaLoRABase
+from raybranch.lora.conv import DeltaLoRAConv2d
 from raybranch.lora.layer import (
     DEFAULT_LAM,
     DEFAULT_SCALE,
@@ -44,6 +46,7 @@ from raybranch.lora.layer import (
 _CLASSIFIER = r"(^|\.)(classifier|fc\d*|head|heads)(\.|$)"
 _VIT_MSA = r"(^|\.)self_attention\.(in_proj|out_proj)$"
 _VIT_MLP = r"(^|\.)mlp\.(0|3)$"
+_ANY = r".*"
 PRESETS: dict[str, tuple[str, ...]] = {
     # Linear layers of a classifier head: `classifier.*` (AlexNet, VGG), `fc`, `fc1..fc3`
     # (LeNet-5, ResNet), `head`, `heads.*` (torchvision ViT).
@@ -53,7 +56,15 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # torchvision VisionTransformer encoder MLP: mlp.0 (E→mlp_dim) and mlp.3 (mlp_dim→E).
     "vit-mlp": (_VIT_MLP,),
     "vit-msa-mlp": (_VIT_MSA, _VIT_MLP),
+    # By layer type: every Linear (and attention in-projection), every Conv2d (peft's
+    # Conv2d adapter), or both.
+    "linear": (_ANY,),
+    "conv": (_ANY,),
+    "all": (_ANY,),
 }
+# Which kinds of site a preset may match (a plain regex matches Linear and Conv2d sites).
+PRESET_KINDS: dict[str, frozenset[str]] = {"linear": frozenset({"linear"}), "conv": frozenset({"conv"})}
+_KINDS = frozenset({"linear", "conv"})
 
 _LORA_PARAM_NAMES = ("lora_A", "lora_B")
 _ANCHOR_SCALARS = ("lora_scale", "delta_lam")
@@ -84,6 +95,13 @@ def linear_sites(model: nn.Module) -> list[str]:
     return sites
 
 
+def conv_sites(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Conv2d`` that a Conv2d adapter can wrap (groups = 1, zero
+    padding); matched against patterns like Linear sites."""
+    return [name for name, mod in model.named_modules()
+            if type(mod) is nn.Conv2d and mod.groups == 1 and mod.padding_mode == "zeros" and name]
+
+
 def _split(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
     return parent, child
@@ -106,51 +124,94 @@ def inject_delta_lora(
     deltas: Mapping[str, torch.Tensor] | None = None,
     train_bias: bool = False,
     generator: torch.Generator | None = None,
+    skip_larger: bool = False,
+    keep_function: bool = False,
 ) -> list[str]:
-    """Replace, in place, every Linear site whose name matches ``pattern`` by a DeltaLoRALinear.
+    """Replace, in place, every Linear or Conv2d site whose name matches ``pattern`` by a
+    DeltaLoRALinear / DeltaLoRAConv2d.
 
     ``pattern``: a key of ``PRESETS``, a regex, or a list of regexes (a site matches if any
-    regex ``re.search``-es its name). Each layer gets rank min(min(d, k), rank or 8) — the
-    report's r = min(min(d, k), 8) — scale s, λ, and keeps the original W and bias.
-    ``init="svd"`` needs ``deltas[name]`` (ΔW, d×k) for every replaced site. Returns the
-    replaced site names in model order; raises ValueError if nothing matched.
+    regex ``re.search``-es its name; the presets ``linear`` and ``conv`` match one kind only).
+    Each layer gets rank min(d, k, rank or 8) — the report's r = min(min(d, k), 8), k = c·kh·kw
+    for a kernel — scale s, λ, and keeps the original W and bias. ``skip_larger`` leaves dense
+    every site whose factors would hold as many numbers as its weight, r·(d + k) ≥ d·k.
+    ``init="svd"`` needs ``deltas[name]`` (ΔW of the weight's shape) for every replaced site;
+    with ``keep_function`` W becomes W − s·BA so the effective weight (and the model's output)
+    is unchanged. Returns the replaced site names in model order; ValueError if none matched.
     """
     regexes = _patterns(pattern)
-    matched = [s for s in linear_sites(model) if any(r.search(s) for r in regexes)]
+    kinds = PRESET_KINDS.get(pattern, _KINDS) if isinstance(pattern, str) else _KINDS
+    candidates = ([(s, "linear") for s in linear_sites(model)] if "linear" in kinds else []) + \
+                 ([(s, "conv") for s in conv_sites(model)] if "conv" in kinds else [])
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    matched = sorted(((s, k) for s, k in candidates if any(r.search(s) for r in regexes)),
+                     key=lambda sk: order.get(sk[0], order.get(_split(sk[0])[0], -1)))
+    if skip_larger:
+        matched = [(s, k) for s, k in matched if _saves(model, s, rank)]
     if not matched:
-        raise ValueError(f"pattern {pattern!r} matched no nn.Linear in {type(model).__name__}; "
-                         f"sites are e.g. {linear_sites(model)[:6]}")
+        raise ValueError(f"pattern {pattern!r} matched no nn.Linear or nn.Conv2d in {type(model).__name__} "
+                         f"(where an adapter would be smaller than the weight: {skip_larger}); sites are e.g. "
+                         f"{(linear_sites(model) + conv_sites(model))[:6]}")
+    names = [s for s, _ in matched]
     if init == "svd":
-        missing = [s for s in matched if deltas is None or s not in deltas]
+        missing = [s for s in names if deltas is None or s not in deltas]
         if missing:
             raise ValueError(f"init='svd' needs deltas for every matched layer; missing {missing[:4]}")
     elif deltas is not None:
         raise ValueError("deltas are only used with init='svd'")
     # Stock attention modules with a matching projection become DeltaLoRAMultiheadAttention.
-    for attn in dict.fromkeys(_split(s)[0] for s in matched if s.endswith(("in_proj", "out_proj"))):
+    for attn in dict.fromkeys(_split(s)[0] for s in names if s.endswith(("in_proj", "out_proj"))):
         mod = model.get_submodule(attn)
         if isinstance(mod, nn.MultiheadAttention):
             _replace(model, attn, DeltaLoRAMultiheadAttention.from_multihead_attention(mod))
-    for site in matched:
-        linear = model.get_submodule(site)
-        d, k = linear.out_features, linear.in_features
+    for site, kind in matched:
+        mod = model.get_submodule(site)
+        kw = dict(scale=scale, lam=lam, init=init, delta=None if deltas is None else deltas[site],
+                  train_bias=train_bias, generator=generator)
+        d, k = _dims(mod)
         r = min(d, k, 8 if rank is None else rank)
-        _replace(model, site, DeltaLoRALinear.from_linear(
-            linear, rank=r, scale=scale, lam=lam, init=init,
-            delta=None if deltas is None else deltas[site], train_bias=train_bias, generator=generator,
-        ))
-    return matched
+        layer = DeltaLoRAConv2d.from_conv2d(mod, rank=r, **kw) if kind == "conv" else DeltaLoRALinear.from_linear(mod, rank=r, **kw)
+        if keep_function and init == "svd":
+            layer.fold_out_()
+        _replace(model, site, layer)
+    return names
 
 
-def delta_lora_layers(model: nn.Module) -> dict[str, DeltaLoRALinear]:
-    """Every DeltaLoRALinear in ``model`` by qualified name, in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, DeltaLoRALinear)}
+def _dims(mod: nn.Module) -> tuple[int, int]:
+    """(d, k) of a weight read as a matrix: out × in features, or out × c·kh·kw channels."""
+    if isinstance(mod, nn.Conv2d):
+        return mod.out_channels, mod.weight[0].numel()
+    if isinstance(mod, nn.MultiheadAttention):  # the in-projection site
+        return 3 * mod.embed_dim, mod.embed_dim
+    return mod.out_features, mod.in_features
 
 
-def _require_layers(model: nn.Module) -> dict[str, DeltaLoRALinear]:
+def _site_module(model: nn.Module, site: str) -> nn.Module:
+    """The module a site names: a stock attention for ``p.in_proj``, else the submodule."""
+    if site.endswith("in_proj"):
+        parent = _split(site)[0]
+        mod = model.get_submodule(parent) if parent else model
+        if isinstance(mod, nn.MultiheadAttention):
+            return mod
+    return model.get_submodule(site)
+
+
+def _saves(model: nn.Module, site: str, rank: int | None) -> bool:
+    """Whether rank-r factors of ``site`` hold fewer numbers than its weight: r·(d + k) < d·k."""
+    d, k = _dims(_site_module(model, site))
+    r = min(d, k, 8 if rank is None else rank)
+    return r * (d + k) < d * k
+
+
+def delta_lora_layers(model: nn.Module) -> dict[str, DeltaLoRABase]:
+    """Every Delta-LoRA layer (Linear or Conv2d) in ``model`` by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DeltaLoRABase)}
+
+
+def _require_layers(model: nn.Module) -> dict[str, DeltaLoRABase]:
     layers = delta_lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no DeltaLoRALinear layer; call inject_delta_lora first")
+        raise ValueError(f"{type(model).__name__} has no Delta-LoRA layer; call inject_delta_lora first")
     return layers
 
 
@@ -177,14 +238,14 @@ def merge_and_reinit_(model: nn.Module, generator: torch.Generator | None = None
 
 
 def merge_delta_lora(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with plain modules only: each DeltaLoRALinear → nn.Linear
-    (weight W + s·BA), each DeltaLoRAMultiheadAttention → nn.MultiheadAttention. The copy's
+    """A deep copy of ``model`` with plain modules only: each DeltaLoRALinear → nn.Linear and
+    DeltaLoRAConv2d → nn.Conv2d (weight W + s·BA, checked finite first), each DeltaLoRAMultiheadAttention → nn.MultiheadAttention. The copy's
     state_dict has the keys of the model before injection."""
     plain = copy.deepcopy(model)
     for name in [n for n, m in plain.named_modules() if isinstance(m, DeltaLoRAMultiheadAttention)]:
         _replace(plain, name, plain.get_submodule(name).to_multihead_attention())
-    for name in list(delta_lora_layers(plain)):
-        _replace(plain, name, plain.get_submodule(name).to_linear())
+    for name, layer in list(delta_lora_layers(plain).items()):
+        _replace(plain, name, layer.to_conv2d() if isinstance(layer, DeltaLoRAConv2d) else layer.to_linear())
     return plain
 
 
@@ -199,7 +260,7 @@ def non_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and id(p) not in lora]
 
 
-def _weight_keys(layers: Mapping[str, DeltaLoRALinear]) -> set[str]:
+def _weight_keys(layers: Mapping[str, DeltaLoRABase]) -> set[str]:
     return {f"{name}.weight" if name else "weight" for name in layers}
 
 

@@ -51,10 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_MAX_RANK = 8  # report §5.2.2.6: r = min(min(d, k), 8)
-DEFAULT_SCALE = 0.5  # report Table 2: LoRA scaling 0.5
-DEFAULT_LAM = 1.0  # report §5.2.3: W ← W + ΔAB, i.e. λ = 1
-INITS = ("lora", "svd")
+from .base import (
+    DEFAULT_LAM,
+    DEFAULT_MAX_RANK,
+    DEFAULT_SCALE,
+    INITS,
+    DeltaLoRABase,
+    check_hyper,
+    svd_factors,
+)
 
 
 def default_rank(out_features: int, in_features: int, max_rank: int = DEFAULT_MAX_RANK) -> int:
@@ -62,28 +67,7 @@ def default_rank(out_features: int, in_features: int, max_rank: int = DEFAULT_MA
     return min(out_features, in_features, max_rank)
 
 
-def svd_factors(delta: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (B, A) of the best rank-r approximation of ΔW / s (Eckart–Young).
-
-    With ΔW / s = U Σ Vᵀ (singular values descending), B = U_r √Σ_r (d×r) and
-    A = √Σ_r V_rᵀ (r×k), so s·B A is the best rank-r approximation of ΔW in Frobenius and
-    spectral norm, and BᵀB = A Aᵀ = Σ_r (singular values split symmetrically). The SVD runs
-    in float64 and the factors are returned in ΔW's dtype.
-    """
-    if delta.dim() != 2:
-        raise ValueError(f"svd init needs a 2-D delta matrix, got shape {tuple(delta.shape)}")
-    if not 1 <= rank <= min(delta.shape):
-        raise ValueError(f"rank {rank} outside [1, {min(delta.shape)}] for delta of shape {tuple(delta.shape)}")
-    if not torch.isfinite(delta).all():
-        raise ValueError("svd init delta contains NaN or Inf")
-    u, sig, vh = torch.linalg.svd(delta.detach().double() / scale, full_matrices=False)
-    root = sig[:rank].sqrt()
-    b = u[:, :rank] * root
-    a = root[:, None] * vh[:rank]
-    return b.to(delta.dtype), a.to(delta.dtype)
-
-
-class DeltaLoRALinear(nn.Module):
+class DeltaLoRALinear(DeltaLoRABase):
     """Delta-LoRA replacement for ``nn.Linear(k → d)``; see the module docstring for the math.
 
     Args:
@@ -119,19 +103,8 @@ class DeltaLoRALinear(nn.Module):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be ≥ 1, got {in_features}, {out_features}")
         rank = default_rank(out_features, in_features) if rank is None else int(rank)
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank {rank} outside [1, {min(in_features, out_features)}] "
-                             f"for a {out_features}×{in_features} weight")
-        if not (math.isfinite(scale) and scale != 0):
-            raise ValueError(f"scale must be finite and non-zero, got {scale}")
-        if not math.isfinite(lam):
-            raise ValueError(f"lam must be finite, got {lam}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if init == "svd" and delta is None:
-            raise ValueError("init='svd' needs a delta matrix ΔW (out_features × in_features)")
-        if init == "lora" and delta is not None:
-            raise ValueError("delta is only used with init='svd'")
+        check_hyper(rank, min(in_features, out_features), scale, lam, init, delta,
+                    f"a {out_features}×{in_features} weight")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -151,10 +124,7 @@ class DeltaLoRALinear(nn.Module):
             self.register_buffer("bias", None)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
-        self.register_buffer("anchor_weight", torch.empty(0, **factory), persistent=False)
-        self.register_buffer("anchor_A", torch.empty(0, **factory), persistent=False)
-        self.register_buffer("anchor_B", torch.empty(0, **factory), persistent=False)
-        self._anchor_b_zero = True
+        self._init_anchor_buffers()
         self.init_lora_(init, delta, generator)
 
     @classmethod
@@ -185,101 +155,17 @@ class DeltaLoRALinear(nn.Module):
         layer.reanchor_()
         return layer
 
-    # ---- initialisation and anchors -------------------------------------------------------
-
-    @torch.no_grad()
-    def init_lora_(self, init: str = "lora", delta: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> None:
-        """(Re)initialise A, B ("lora": kaiming A, B = 0; "svd": from ΔW) and re-anchor.
-
-        W is left as it is, so with "lora" the effective weight W + s·BA is unchanged.
-        """
-        if init == "lora":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
-            self.lora_B.zero_()
-        elif init == "svd":
-            if delta is None or tuple(delta.shape) != (self.out_features, self.in_features):
-                got = None if delta is None else tuple(delta.shape)
-                raise ValueError(f"svd init needs delta of shape {(self.out_features, self.in_features)}, got {got}")
-            b, a = svd_factors(delta.to(self.weight.device), self.rank, self.scale)
-            self.lora_B.copy_(b)
-            self.lora_A.copy_(a)
-        else:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.reanchor_()
-
-    @torch.no_grad()
-    def reanchor_(self, lam: float | None = None) -> None:
-        """Make the current (W, A, B) the anchor (W_a, A_a, B_a); optionally set a new λ.
-
-        W is not modified. Call at a branch point, or after changing W other than through
-        this layer. λ may change only here, since the closed form assumes a constant λ.
-        """
-        if lam is not None:
-            if not math.isfinite(lam):
-                raise ValueError(f"lam must be finite, got {lam}")
-            self.lam = float(lam)
-        self.set_anchor_(self.weight, self.lora_A, self.lora_B)
-
-    @torch.no_grad()
-    def set_anchor_(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        """Set the anchor (W_a, A_a, B_a) to copies of the given tensors; W is not touched."""
-        for name, t, ref in (("weight", weight, self.weight), ("lora_A", lora_A, self.lora_A),
-                             ("lora_B", lora_B, self.lora_B)):
-            if tuple(t.shape) != tuple(ref.shape):
-                raise ValueError(f"anchor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        like = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.anchor_weight = weight.detach().to(**like).clone()
-        self.anchor_A = lora_A.detach().to(**like).clone()
-        self.anchor_B = lora_B.detach().to(**like).clone()
-        self._anchor_b_zero = not bool(self.anchor_B.any())
-
-    # ---- the Delta-LoRA update ------------------------------------------------------------
-
-    @torch.no_grad()
-    def delta_update(self, lam: float | None = None) -> None:
-        """After an optimizer step: W ← W_a + λ·s·(B A − B_a A_a), i.e. W += λ·s·(B'A' − BA).
-
-        ``lam`` must be None or the layer's λ (λ changes only at an anchor: ``reanchor_``).
-        The products are formed as separate matmuls so that A = A_a, B = B_a gives W = W_a
-        exactly; with B_a = 0 (LoRA init, after ``merge_``) the anchor product is skipped.
-        """
-        if lam is not None and float(lam) != self.lam:
-            raise ValueError(f"lam={lam} differs from the layer's λ={self.lam}; change λ with reanchor_(lam=...)")
-        product = self.lora_B @ self.lora_A
-        if not self._anchor_b_zero:
-            product = product - self.anchor_B @ self.anchor_A
-        torch.add(self.anchor_weight, product, alpha=self.lam * self.scale, out=self.weight)
-
-    # ---- forward, merge, export -----------------------------------------------------------
+    def product(self, lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        """B A (d×k)."""
+        return lora_B @ lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = x Wᵀ + b + s·(x Aᵀ) Bᵀ; the d×k product BA is never formed."""
         return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def get_delta_weight(self) -> torch.Tensor:
-        """s·B A (d×k), the low-rank part of the effective weight."""
-        return self.scale * (self.lora_B @ self.lora_A)
-
-    def merged_weight(self) -> torch.Tensor:
-        """W + s·B A, the effective dense weight (detached)."""
-        with torch.no_grad():
-            return self.weight + self.get_delta_weight()
-
-    @torch.no_grad()
-    def merge_(self, generator: torch.Generator | None = None) -> None:
-        """Fold s·BA into W, re-initialise A (kaiming) and B = 0, and re-anchor there.
-
-        The effective weight is unchanged; this is the report's "merge and re-initialise at a
-        snapshot". A new anchor must be checkpointed, and optimizer state held for A, B
-        (momentum, Adam moments) no longer fits them: reset it.
-        """
-        self.weight.copy_(self.merged_weight())
-        self.init_lora_("lora", generator=generator)
-
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with weight W + s·BA and this layer's bias."""
+        """A plain ``nn.Linear`` with weight W + s·BA (checked finite) and this layer's bias."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         lin.weight.copy_(self.merged_weight())
@@ -287,11 +173,9 @@ class DeltaLoRALinear(nn.Module):
             lin.bias.copy_(self.bias)
         return lin
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Load as usual, then make the loaded (W, A, B) the anchor (exact continuation)."""
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.reanchor_()
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, scale={self.scale}, lam={self.lam}")
+
+
+__all__ = ["DEFAULT_LAM", "DEFAULT_MAX_RANK", "DEFAULT_SCALE", "INITS", "DeltaLoRALinear", "default_rank", "svd_factors"]

@@ -19,7 +19,7 @@ from ..checkpoint.checkpointer import Checkpointer
 from ..config.classes import ExperimentConfig
 from ..data.files import normalise
 from ..errors import RunError
-from ..lora import inject_delta_lora, merge_and_reinit_
+from ..lora import delta_lora_layers, inject_delta_lora, merge_and_reinit_
 from ..models import build_model
 from ..poison import attack_success_rate
 from ..store.store import Store, open_store
@@ -88,23 +88,54 @@ class RunContext:
         meta = self.data.meta
         return build_model(self.cfg.model, meta.num_classes, meta.in_channels, meta.image_size)
 
-    def with_lora(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` with the run's Delta-LoRA layers (seeded: the same A on every process)."""
+    def with_lora(self, model: nn.Module, init: bool = True) -> nn.Module:
+        """A copy of ``model`` with the run's Delta-LoRA layers (seeded: the same A on every process).
+
+        ``lora_init: svd`` starts B, A at the truncated SVD of each adapted layer's warm-up update
+        ΔW = W(model) − W(the seeded untrained model) and subtracts s·B A from W, so the model's
+        function is unchanged and the factors start along the directions training took. ``init``
+        False (the restore template) skips it: a restore loads the anchor.
+        """
+        cfg = self.cfg
         m = copy.deepcopy(model)
-        inject_delta_lora(m, self.cfg.lora_pattern, rank=self.cfg.lora_rank, scale=self.cfg.lora_scale,
-                          generator=torch.Generator().manual_seed(self.cfg.seed + 1))
+        svd = init and cfg.lora_init == "svd"
+        deltas = None
+        if svd:
+            start = dict(self.base_model().named_modules())
+            deltas = {n: mod.weight.detach() - start[n].weight.detach() for n, mod in m.named_modules()
+                      if isinstance(mod, (nn.Linear, nn.Conv2d))}
+            deltas.update({f"{n}.in_proj": mod.in_proj_weight.detach() - start[n].in_proj_weight.detach()
+                           for n, mod in m.named_modules() if isinstance(mod, nn.MultiheadAttention)})
+        inject_delta_lora(m, cfg.lora_pattern, rank=cfg.lora_rank, scale=cfg.lora_s(), lam=cfg.lora_lam,
+                                  init="svd" if svd else "lora", deltas=deltas, train_bias=cfg.lora_train_bias,
+                                  generator=torch.Generator().manual_seed(cfg.seed + 1), skip_larger=True,
+                                  keep_function=True)
         return m
 
     def template(self) -> nn.Module:
         """A model of the run's shape (Delta-LoRA layers for ``lc+dlora``); weights come from restores."""
         if self._template is None:
             base = self.base_model()
-            self._template = self.with_lora(base) if self.spec.lora else base
+            self._template = self.with_lora(base, init=False) if self.spec.lora else base
         return copy.deepcopy(self._template)
 
     def optimizer(self, model: nn.Module, lora: bool | None = None) -> torch.optim.Optimizer:
+        """Plain SGD at ``lr``; a Delta-LoRA model's in groups: A at ``lora_lr``, B at
+        ``lora_b_ratio × lora_lr`` (LoRA+), every other trainable parameter at ``lora_dense_lr``
+        (None: ``lora_lr``)."""
+        cfg = self.cfg
         lora = self.spec.lora if lora is None else lora
-        return torch.optim.SGD(model.parameters(), lr=self.cfg.lora_lr if lora else self.cfg.lr)
+        if not lora:
+            return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        layers = delta_lora_layers(unwrap(model))
+        a = [layer.lora_A for layer in layers.values()]
+        b = [layer.lora_B for layer in layers.values()]
+        factors = {id(p) for p in a + b}
+        dense = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
+        groups = [{"params": a, "lr": cfg.lora_lr}, {"params": b, "lr": cfg.lora_lr * cfg.lora_b_ratio}]
+        if dense:
+            groups.append({"params": dense, "lr": cfg.lora_lr if cfg.lora_dense_lr is None else cfg.lora_dense_lr})
+        return torch.optim.SGD(groups, lr=cfg.lora_lr)
 
     def merge_generator(self, slice_id: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 7919 + 31 * slice_id + 5)

@@ -253,7 +253,7 @@ def train_slice(
             raise NonFiniteLossError(f"slice {slice_id} step {bad_step}: {why}")
         if len(res.rollbacks) >= max_rollbacks:
             raise NonFiniteLossError(f"slice {slice_id} step {bad_step}: {why} after {max_rollbacks} rollbacks; giving up")
-        lr_now = float(optimizer.param_groups[0]["lr"])
+        lr_now = [float(g["lr"]) for g in optimizer.param_groups]  # per group (Delta-LoRA: A, B, dense)
         if ckpt is not None:
             to_step = int(ckpt.head()["step"])
             if not progressed and last_target is not None:  # the head itself led to this: go further back
@@ -267,8 +267,8 @@ def train_slice(
             to_step = restored["step"]
         last_target, progressed, since_ckpt = to_step, False, 0
         load_checkpoint(model, restored, optimizer)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_now
+        for g, lr in zip(optimizer.param_groups, lr_now):
+            g["lr"] = lr
         new_lr = set_lr(optimizer, lr_factor)
         msg = f"step {bad_step}: {why}, rolled back to step {to_step}, lr → {new_lr:g}"
         res.rollbacks.append({"step": bad_step, "rolled_back_to": to_step, "lr": new_lr})

@@ -36,25 +36,31 @@ def test_grid_has_one_lc_trial_per_combination_and_every_rank_for_delta_lora():
 def test_tiny_sweep_writes_one_row_per_trial(tmp_path, capsys):
     out = tmp_path / "out"
     uri = (tmp_path / "store").as_uri()
-    # through the CLI: ranks {1, 2} × {lc, lc+dlora}, lc once → 3 trials
-    rc = cli_main(["sweep", QUICK, f"out={out}", f"store={uri}", "ranks=[1,2]", "name=sw"])
+    # through the CLI: rank 2 × {lc, lc+dlora} × lora_lr {0.1, 0.2} (a grid key), lc once → 3 trials
+    rc = cli_main(["sweep", QUICK, f"out={out}", f"store={uri}", "ranks=[2]", "name=sw", "grid={lora_lr: [0.1, 0.2]}"])
     assert rc == 0
     assert "results:" in capsys.readouterr().out
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(CSV_COLUMNS)
-    assert [(r["mechanism"], r["rank"]) for r in rows] == [("lc", ""), ("lc+dlora", "1"), ("lc+dlora", "2")]
+    assert list(rows[0]) == [*CSV_COLUMNS, "lora_lr"]
+    assert [(r["mechanism"], r["rank"], r["lora_lr"]) for r in rows] == [
+        ("lc", "", ""), ("lc+dlora", "2", "0.1"), ("lc+dlora", "2", "0.2")]
     store = rb.open_store(uri)
     for r in rows:
-        assert r["status"] == "done" and r["split"] == "4x25" and r["bits"] == "3"
+        assert r["status"] == "done" and r["split"] == "4x25" and r["bits"] == "3" and r["model"] == "lenet5"
         ratio, savings = float(r["compression_ratio"]), float(r["space_savings"])
         assert ratio > 5 and savings == pytest.approx(1 - 1 / ratio)
         assert 0 < float(r["acc_restored"]) <= 1 and 0 < float(r["acc_full"]) <= 1
         rep = verify_store(store, r["run"])  # each trial is a run of its own
         assert rep.problems == [] and rep.counts["steps"] == int(r["checkpoints"])
+        doc = store.read_json(f"{r['run']}/run.json")  # the trial trained with its grid value
+        if r["lora_lr"]:
+            assert doc["experiment"]["lora_lr"] == float(r["lora_lr"])
     md = (out / "results.md").read_text()
-    assert "| split | rank | bits | key frames | mechanism | compression ratio | space savings | final accuracy (restored / full) |" in md
-    assert md.count("| 4x25 |") == 3
+    assert "| setting | splits | worst split Δ̄ (pp) | lowest mean ratio | meets target |" in md
+    assert "## Shape of the report's Table 9 (by split)" in md and "Table 3" not in md  # one model: no Table 3
+    for lr in ("0.1", "0.2"):
+        assert md.count(f"| lc+dlora r2 b3 lr={lr} | 4x25 | 1/1 |") == 1  # means over seeds: n = 1 here
     png = (out / "ratio_vs_accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -259,6 +259,9 @@ VIT_EXPECTED = {
     "vit-mlp": [f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in (0, 1) for j in (0, 3)],
 }
 VIT_EXPECTED["vit-msa-mlp"] = sorted(VIT_EXPECTED["vit-msa"] + VIT_EXPECTED["vit-mlp"])
+VIT_EXPECTED["linear"] = sorted(VIT_EXPECTED["vit-msa-mlp"] + VIT_EXPECTED["classifier"])
+VIT_EXPECTED["conv"] = ["conv_proj"]  # the patchify stem
+VIT_EXPECTED["all"] = sorted(VIT_EXPECTED["linear"] + VIT_EXPECTED["conv"])
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -371,7 +374,7 @@ def test_load_lora_state_rejects_mismatched_keys():
         load_lora_state(model, {k: v for k, v in anchor.items() if k != "fc1.lora_A"}, state)
     with pytest.raises(ValueError, match="state keys"):
         load_lora_state(model, anchor, {**state, "fc1.weight": anchor["fc1.weight"]})
-    with pytest.raises(ValueError, match="no DeltaLoRALinear"):
+    with pytest.raises(ValueError, match="no Delta-LoRA layer"):
         lora_state(LeNet())
 
 
