@@ -159,7 +159,8 @@ def run_sweep(sweep: SweepConfig, store_uri: str | None = None, out_dir: str | N
         rows.append(_row(p, m, acc_full[full_key(p)]["acc"], status, configs[i]))
     order = {tag: i for i, tag in enumerate(trial_tag(p) for p in grid)}
     rows.sort(key=lambda r: order[r["tag"]])
-    files = write_results(rows, out_dir, _title(sweep), list(sweep.splits), list(sweep.grid))
+    knob_keys = list(dict.fromkeys([*(k for s in sweep.settings for k in s), *sweep.grid]))
+    files = write_results(rows, out_dir, _title(sweep), list(sweep.splits), knob_keys)
     files["store"] = store.path(shared_reports(sweep.name))
     upload_dir(store, shared_reports(sweep.name), out_dir)
     seconds = time.perf_counter() - t0

@@ -201,6 +201,7 @@ class SweepConfig:
     asha_reduction_factor: float = 2.0
     seeds: tuple[int, ...] = ()          # every trial once per seed (empty: the experiment's seed only)
     grid: dict = dataclasses.field(default_factory=dict)  # more ExperimentConfig keys → lists of values, every combination
+    settings: tuple[dict, ...] = ()      # explicit combinations of ExperimentConfig keys, each crossed with the grid
     max_concurrent: int = 2              # trials at once
     cpus_per_trial: float = 1.0
     experiment: dict = dataclasses.field(default_factory=dict)  # ExperimentConfig keys every trial starts from
@@ -243,6 +244,12 @@ class SweepConfig:
                 raise ConfigError(f"sweep grid key {key!r} needs a non-empty list of values, got {values!r}")
             for v in values:
                 build(ExperimentConfig, {**self.experiment, key: v}, where=f"sweep grid value {key}={v!r}").validate()
+        for i, setting in enumerate(self.settings):
+            bad = sorted(set(setting) & (own | set(self.grid)) or set(setting) - fields)
+            if bad or not setting:
+                raise ConfigError(f"sweep setting {i + 1} ({setting!r}) needs experiment keys that neither the sweep's own keys "
+                                  f"nor its grid set; {bad or 'it is empty'}")
+            build(ExperimentConfig, {**self.experiment, **setting}, where=f"sweep setting {i + 1}").validate()
 
     def base_experiment(self) -> ExperimentConfig:
         """The ExperimentConfig every trial starts from (``experiment`` keys, coerced, with the

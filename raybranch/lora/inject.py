@@ -232,8 +232,13 @@ def reanchor(model: nn.Module, lam: float | None = None) -> None:
 
 
 def merge_and_reinit_(model: nn.Module, generator: torch.Generator | None = None) -> None:
-    """``merge_()`` every Delta-LoRA layer: W ← W + s·BA, A re-initialised, B = 0, new anchor."""
-    for layer in _require_layers(model).values():
+    """``merge_()`` every Delta-LoRA layer: W ← W + s·BA, A re-initialised, B = 0, new anchor.
+    Every layer's merged weight is checked for NaN/Inf first: a broken adapter anywhere raises
+    ValueError with no layer merged."""
+    layers = _require_layers(model)
+    for layer in layers.values():
+        layer.merged_weight()
+    for layer in layers.values():
         layer.merge_(generator)
 
 

@@ -3,7 +3,8 @@ trials share one full-training baseline.
 
 Grid (:func:`trial_grid`): every combination of the config's ``splits``, ``seeds``, ``bits``,
 ``snapshot_every``, ``mechanisms``, the values of every ``grid`` key (ExperimentConfig keys,
-e.g. ``lora_lr: [0.1, 0.2]``), and for ``lc+dlora`` every ``ranks`` value. ``lc`` has no rank
+e.g. ``lora_lr: [0.1, 0.2]``), each of the explicit ``settings`` (dicts of such keys; none:
+one empty setting), and for ``lc+dlora`` every ``ranks`` value. ``lc`` has no rank
 and no Delta-LoRA knob: with ``dedupe_lc`` it runs once per combination of the rest (rank
 "–", its ``lora_*`` grid values dropped).
 
@@ -35,7 +36,8 @@ def trial_grid(sweep: SweepConfig) -> list[dict]:
     """Every trial's parameters: split, seed, bits, snapshot_every, mechanism, rank (None for lc
     when deduped) and ``knobs`` (the trial's values of the ``grid`` keys)."""
     keys = list(sweep.grid)
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sweep.grid[k] for k in keys))]
+    product = [dict(zip(keys, vals)) for vals in itertools.product(*(sweep.grid[k] for k in keys))]
+    combos = [{**s, **c} for s in (sweep.settings or [{}]) for c in product]
     seeds = list(sweep.seeds) or [None]
     grid, seen = [], set()
     for split in sweep.splits:
