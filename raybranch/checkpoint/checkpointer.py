@@ -390,8 +390,8 @@ class Checkpointer:
         self._enc = StateEncoder(self.params, self.key_every, self.standalone_every, self.device, self.restore_budget_s)
         self.reader, head = read_head(self.store, self.run, self._writer, self.reader)
         if head is not None:
-            acc, exact, layout, last, base, base_state, keys = head
-            self._enc.load(own_view(layout, self.parts.rank), last["layout"], acc, exact, base, base_state, keys)
+            acc, exact, layout, last, base, base_state, keys, base_exact = head
+            self._enc.load(own_view(layout, self.parts.rank), last["layout"], acc, exact, base, base_state, keys, base_exact)
             self._head = last
         self._loaded = True  # only once the head is really loaded: a failed read is retried by the next save
 

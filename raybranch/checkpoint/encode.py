@@ -153,12 +153,15 @@ class StateEncoder:
             self.encoders[g] = enc
 
     def load(self, layout: dict, layout_hash: str, recon: dict[str, np.ndarray], exact: dict[str, torch.Tensor],
-             base: dict, base_state: dict[str, np.ndarray], keys: int) -> None:
-        """Continue a branch from its head: ũ from the store, and the exact state its chain starts at."""
+             base: dict, base_state: dict[str, np.ndarray], keys: int,
+             base_exact: dict[str, torch.Tensor] | None = None) -> None:
+        """Continue a branch from its head: ũ from the store, and the exact state its chain starts
+        at (lossy groups ``base_state``, exact tensors ``base_exact``; None: the next key frame
+        stores every exact tensor)."""
         self.reset(layout, {g: torch.from_numpy(a) for g, a in recon.items()})
         self.layout_hash = layout_hash
         self.last_exact = dict(exact)
-        self.ref_exact = {}  # not known here: the next key frame stores every exact tensor
+        self.ref_exact = dict(base_exact or {})
         same_layout = base["layout"] == layout_hash
         self.ref = {g: base_state[g] for g in layout["groups"]} if same_layout and base_state is not None else None  # a part's groups
         self.ref_at = [base["branch_id"], base["step"]]

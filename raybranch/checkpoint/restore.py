@@ -148,17 +148,24 @@ def decode_chain(chain: list[dict], blobs: BlobCache, layouts: Layouts, refs: li
         except (ValueError, IndexError, KeyError) as exc:
             raise CorruptBlobError(f"the deltas of group {g!r} from {chain[0]['branch_id']}/{chain[0]['step']} to step "
                                    f"{chain[-1]['step']} cannot be decoded: {exc}") from None
-    exact: dict[str, torch.Tensor] = {}
-    for e in reversed(exacts[:-1] + full if len(exacts) > 1 else full):  # a key frame stores only changed ones
-        for r in _rows_of(blobs, e):
-            if r.kind == "exact" and r.name not in exact:
-                arr = decode_exact(r.payload, st.numpy_storage_dtype(r.dtype), r.shape)
-                exact[r.name] = st.from_numpy(arr, r.dtype, r.shape)
+    exact = exact_tensors(exacts[:-1] + full if len(exacts) > 1 else full, blobs)  # a key frame stores only changed ones
     missing = [n for n in layout["exact"] if n not in exact]
     if missing:
         raise CorruptBlobError(f"checkpoint {chain[-1]['branch_id']}/{chain[-1]['step']} lacks exact tensors {missing[:3]}")
     blobs.verify(p["blob"][0] for e in exacts + full for p in e["parts"])
     return acc, exact, layout
+
+
+def exact_tensors(entries: list[dict], blobs: BlobCache) -> dict[str, torch.Tensor]:
+    """The exact tensors as of the last of ``entries`` (in chain order): each from the newest
+    entry that stored it."""
+    exact: dict[str, torch.Tensor] = {}
+    for e in reversed(entries):
+        for r in _rows_of(blobs, e):
+            if r.kind == "exact" and r.name not in exact:
+                arr = decode_exact(r.payload, st.numpy_storage_dtype(r.dtype), r.shape)
+                exact[r.name] = st.from_numpy(arr, r.dtype, r.shape)
+    return exact
 
 
 def exact_state(exacts: list[dict], blobs: BlobCache) -> dict[str, np.ndarray]:
@@ -254,13 +261,14 @@ class Reader:
         acc, exact, layout = decode_chain(chain, self.blobs, self.layouts, refs)
         return acc, exact, layout, target
 
-    def exact_base(self, lin: Lineage, step: int) -> tuple[dict, dict[str, np.ndarray], int]:
+    def exact_base(self, lin: Lineage, step: int) -> tuple[dict, dict[str, np.ndarray], int, dict[str, torch.Tensor]]:
         """(the exact entry step ``step``'s chain starts from, its lossy groups' state, how many
-        key frames lead to it from its snapshot): what a writer continuing the branch codes its
-        next key frame against."""
+        key frames lead to it from its snapshot, its exact tensors): what a writer continuing the
+        branch codes its next key frame against."""
         base = chain_to(lin, lin.entry(step))[0]
         refs = key_refs(lin, base)
-        return base, exact_state(refs + [base] if base["kind"] == "key" else [base], self.blobs), len(refs)
+        exacts = refs + [base] if base["kind"] == "key" else [base]
+        return base, exact_state(exacts, self.blobs), len(refs), exact_tensors(exacts, self.blobs)
 
 
 def chain_to(lin: Lineage, target: dict) -> list[dict]:

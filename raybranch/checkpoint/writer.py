@@ -41,7 +41,7 @@ def _rejoin(store: Store, run: str, branch: str, ref, lapsed: tuple) -> BranchWr
 
 def read_head(store: Store, run: str, writer, reader: Reader, attempts: int = 8) -> tuple[Reader, tuple | None]:
     """(the reader to keep, None for an empty branch, else the head's (ũ per group, exact tensors,
-    layout, entry, exact base entry, its state, key frames since its snapshot)). A page not found
+    layout, entry, exact base entry, its state, key frames since its snapshot, its exact tensors)). A page not found
     is read again with a fresh reader: the writer just fenced may still be sealing it."""
     lin = Lineage(store, run, log=writer.log)
     if lin.head_step is None:
@@ -49,8 +49,8 @@ def read_head(store: Store, run: str, writer, reader: Reader, attempts: int = 8)
     for attempt in range(attempts):
         try:
             acc, exact, layout, last = reader.recon(lin, lin.head_step)
-            base, base_state, keys = reader.exact_base(lin, lin.head_step)
-            return reader, (acc, exact, layout, last, base, base_state, keys)
+            base, base_state, keys, base_exact = reader.exact_base(lin, lin.head_step)
+            return reader, (acc, exact, layout, last, base, base_state, keys, base_exact)
         except NotFoundError:
             if attempt == attempts - 1:
                 raise

@@ -124,7 +124,7 @@ def inject_delta_lora(
     deltas: Mapping[str, torch.Tensor] | None = None,
     train_bias: bool = False,
     generator: torch.Generator | None = None,
-    skip_larger: bool = False,
+    min_saving: float | None = None,
     keep_function: bool = False,
 ) -> list[str]:
     """Replace, in place, every Linear or Conv2d site whose name matches ``pattern`` by a
@@ -133,8 +133,9 @@ def inject_delta_lora(
     ``pattern``: a key of ``PRESETS``, a regex, or a list of regexes (a site matches if any
     regex ``re.search``-es its name; the presets ``linear`` and ``conv`` match one kind only).
     Each layer gets rank min(d, k, rank or 8) — the report's r = min(min(d, k), 8), k = c·kh·kw
-    for a kernel — scale s, λ, and keeps the original W and bias. ``skip_larger`` leaves dense
-    every site whose factors would hold as many numbers as its weight, r·(d + k) ≥ d·k.
+    for a kernel — scale s, λ, and keeps the original W and bias. ``min_saving`` m leaves dense
+    every site whose factors would not be m times smaller than its weight: d·k < m · r·(d + k)
+    (m = 1: where the adapter is no smaller; m = 2 keeps LeNet-5's 10 × 84 output layer dense).
     ``init="svd"`` needs ``deltas[name]`` (ΔW of the weight's shape) for every replaced site;
     with ``keep_function`` W becomes W − s·BA so the effective weight (and the model's output)
     is unchanged. Returns the replaced site names in model order; ValueError if none matched.
@@ -146,11 +147,11 @@ def inject_delta_lora(
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     matched = sorted(((s, k) for s, k in candidates if any(r.search(s) for r in regexes)),
                      key=lambda sk: order.get(sk[0], order.get(_split(sk[0])[0], -1)))
-    if skip_larger:
-        matched = [(s, k) for s, k in matched if _saves(model, s, rank)]
+    if min_saving is not None:
+        matched = [(s, k) for s, k in matched if _saves(model, s, rank, min_saving)]
     if not matched:
         raise ValueError(f"pattern {pattern!r} matched no nn.Linear or nn.Conv2d in {type(model).__name__} "
-                         f"(where an adapter would be smaller than the weight: {skip_larger}); sites are e.g. "
+                         f"(with min_saving {min_saving}); sites are e.g. "
                          f"{(linear_sites(model) + conv_sites(model))[:6]}")
     names = [s for s, _ in matched]
     if init == "svd":
@@ -196,11 +197,12 @@ def _site_module(model: nn.Module, site: str) -> nn.Module:
     return model.get_submodule(site)
 
 
-def _saves(model: nn.Module, site: str, rank: int | None) -> bool:
-    """Whether rank-r factors of ``site`` hold fewer numbers than its weight: r·(d + k) < d·k."""
+def _saves(model: nn.Module, site: str, rank: int | None, factor: float) -> bool:
+    """Whether rank-r factors of ``site`` hold ``factor`` times fewer numbers than its weight,
+    d·k ≥ factor · r·(d + k) (strictly fewer for factor 1)."""
     d, k = _dims(_site_module(model, site))
     r = min(d, k, 8 if rank is None else rank)
-    return r * (d + k) < d * k
+    return d * k > r * (d + k) if factor <= 1 else d * k >= factor * r * (d + k)
 
 
 def delta_lora_layers(model: nn.Module) -> dict[str, DeltaLoRABase]:

@@ -108,7 +108,7 @@ class RunContext:
                            for n, mod in m.named_modules() if isinstance(mod, nn.MultiheadAttention)})
         inject_delta_lora(m, cfg.lora_pattern, rank=cfg.lora_rank, scale=cfg.lora_s(), lam=cfg.lora_lam,
                                   init="svd" if svd else "lora", deltas=deltas, train_bias=cfg.lora_train_bias,
-                                  generator=torch.Generator().manual_seed(cfg.seed + 1), skip_larger=True,
+                                  generator=torch.Generator().manual_seed(cfg.seed + 1), min_saving=cfg.lora_min_saving,
                                   keep_function=True)
         return m
 

@@ -173,7 +173,9 @@ def test_injection_by_layer_type_and_size():
     assert inject_delta_lora(ConvNet(), "conv", rank=4) == ["c1", "c2", "c3"]
     assert inject_delta_lora(ConvNet(), "linear", rank=4) == ["fc"]
     # c1 (16 × 27) at rank 8 holds 8·43 = 344 < 432 numbers; fc (10 × 32): 8·42 = 336 > 320 is left dense
-    assert inject_delta_lora(model, "all", rank=8, skip_larger=True) == ["c1", "c2", "c3"]
+    assert inject_delta_lora(model, "all", rank=8, min_saving=1) == ["c1", "c2", "c3"]
+    # at least 2× fewer numbers: c1 (432 vs 344) stays dense too; c2 (3456 vs 1344) and c3 (768 vs 448) do not
+    assert inject_delta_lora(ConvNet(), "all", rank=8, min_saving=1.7) == ["c2", "c3"]
     with pytest.raises(ValueError, match="groups=1"):
         DeltaLoRAConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="padding_mode"):
