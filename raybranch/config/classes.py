@@ -142,6 +142,14 @@ class ExperimentConfig:
         return cls(**d)
 
 
+def _checked(cfg: ExperimentConfig, where: str) -> None:
+    """``cfg.validate()``, its error as a ConfigError naming ``where``."""
+    try:
+        cfg.validate()
+    except RaybranchError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 CHECKPOINTERS = ("sync", "async")
 SCHEDULERS = ("none", "asha")
 
@@ -244,13 +252,15 @@ class SweepConfig:
             if not isinstance(values, (list, tuple)) or not values:
                 raise ConfigError(f"sweep grid key {key!r} needs a non-empty list of values, got {values!r}")
             for v in values:
-                build(ExperimentConfig, {**self.experiment, key: v}, where=f"sweep grid value {key}={v!r}").validate()
+                _checked(build(ExperimentConfig, {**self.experiment, key: v}, where=f"sweep grid value {key}={v!r}"),
+                         f"sweep grid value {key}={v!r}")
         for i, setting in enumerate(self.settings):
             bad = sorted(set(setting) & (own | set(self.grid)) or set(setting) - fields)
             if bad or not setting:
                 raise ConfigError(f"sweep setting {i + 1} ({setting!r}) needs experiment keys that neither the sweep's own keys "
                                   f"nor its grid set; {bad or 'it is empty'}")
-            build(ExperimentConfig, {**self.experiment, **setting}, where=f"sweep setting {i + 1}").validate()
+            _checked(build(ExperimentConfig, {**self.experiment, **setting}, where=f"sweep setting {i + 1}"),
+                     f"sweep setting {i + 1}")
 
     def base_experiment(self) -> ExperimentConfig:
         """The ExperimentConfig every trial starts from (``experiment`` keys, coerced, with the

@@ -192,6 +192,7 @@ def write_results(rows: list[dict], out_dir: str, title: str, splits: list[str],
     """results.csv (one column per grid key too), results.md, ratio_vs_accuracy.png in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in zip(("csv", "md", "png"), RESULT_FILES)}
+    grid_keys = [k for k in grid_keys if k not in CSV_COLUMNS]
     columns = [*CSV_COLUMNS, *grid_keys]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
