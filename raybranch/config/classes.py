@@ -71,6 +71,7 @@ class ExperimentConfig:
     lora_dense_lr: float | None = None # lr of the parameters with no adapter (None: lora_lr)
     lora_train_bias: bool = False      # the adapted layers' biases train (at lora_dense_lr) or stay frozen
     lora_min_saving: float = 1.0       # adapt a matched layer only if its factors hold this many times fewer numbers than W
+    lora_clip: float | None = None     # clip a Delta-LoRA model's gradient norm to this before each step (None: no clipping)
     lora_merge: str = "none"           # none | slice-end (merge & re-initialise A, B)
     compare_lora_merge: bool = False   # also run main with the other merge policy, record both
 
@@ -109,7 +110,7 @@ class ExperimentConfig:
         if self.lora_init not in LORA_INITS:
             raise RaybranchError(f"lora_init must be one of {LORA_INITS}, got {self.lora_init!r}")
         lrs = {"lora_lr": self.lora_lr, "lora_b_ratio": self.lora_b_ratio, "lora_dense_lr": self.lora_dense_lr,
-               "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_min_saving": self.lora_min_saving}
+               "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_min_saving": self.lora_min_saving, "lora_clip": self.lora_clip}
         bad = {k: v for k, v in lrs.items() if v is not None and not v > 0}
         if bad or self.lora_s() == 0:
             raise RaybranchError(f"Delta-LoRA rates, rank and scale must be > 0, got {bad or {'lora_scale': self.lora_s()}}")

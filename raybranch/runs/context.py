@@ -172,6 +172,7 @@ class RunContext:
             ckpt=ck, step0=step0, slice_id=k, eval_fn=self.val_acc, patience=cfg.patience or None,
             checkpoint_every=cfg.checkpoint_every, settle=cfg.settle, end_snapshot=end_snapshot, seed=cfg.seed,
             on_step=self.hooks.step, log=self.hooks.log,
+            clip_grad=cfg.lora_clip if delta_lora_layers(unwrap(model)) else None,
         )
         if merge == "slice-end":
             merge_and_reinit_(unwrap(model), self.merge_generator(k))

@@ -183,6 +183,7 @@ def train_slice(
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    clip_grad: float | None = None,
 ) -> SliceResult:
     """Train ``model`` on one slice ``data = (images, labels)``; see the module docstring.
 
@@ -191,7 +192,8 @@ def train_slice(
     ``lora`` None detects Delta-LoRA layers. Checkpoints carry ``slices=[slice_id]``; the last
     one also ``tags=["slice-end:<slice_id>"]``. ``loss_hook(step, loss) -> loss`` may replace the
     loss before the finiteness check (fault injection in tests); ``on_step(step)`` is called
-    after each step (progress bars). Returns a :class:`SliceResult`.
+    after each step (progress bars). ``clip_grad`` c > 0 rescales the gradient to ‖g‖ ≤ c (the norm
+    over all parameters) before each step. Returns a :class:`SliceResult`.
     """
     images, labels = data
     net, model = model, unwrap(model)  # forward through the DDP wrapper; state, checks and restores on the module
@@ -295,6 +297,8 @@ def train_slice(
                 rollback(step, "non-finite loss")
                 continue
             loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
             optimizer.step()
             if lora:
                 delta_lora_step(model)
