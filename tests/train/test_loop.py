@@ -304,3 +304,33 @@ def test_loss_is_cross_entropy_of_the_batch():
     opt_b.step()
     for k, v in a.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
+
+
+def test_gradient_clipping_bounds_every_step():
+    data = make_data()
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    before: dict[int, list[torch.Tensor]] = {}
+
+    def hook(step, loss):
+        before[step] = [p.detach().clone() for p in m.parameters()]
+        return loss * 100.0  # large gradients: clipping must bound them
+
+    train_slice(m, opt, data, epochs=1, batch_size=32, ckpt=None, step0=0, slice_id=1, loss_hook=hook, clip_grad=0.01)
+    after = [p.detach() for p in m.parameters()]
+    last = max(before)
+    moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before[last])))
+    assert 0 < moved <= 0.01 * 1.0 + 1e-6  # one SGD step of lr 1 with ‖g‖ ≤ 0.01
+
+
+def test_a_rollback_keeps_each_parameter_groups_own_lr(tmp_path):
+    data = make_data()
+    m = make_model()
+    params = list(m.parameters())
+    opt = torch.optim.SGD([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.4}])
+    ck = rb.Checkpointer(rb.open_store(tmp_path.as_uri()), "r", "main", save_rng=False)
+    ck.save(0, m, opt)
+    res = train_slice(m, opt, data, epochs=2, batch_size=32, ckpt=ck, step0=0, slice_id=1,
+                      loss_hook=lambda step, loss: loss * float("nan") if step == 4 else loss)
+    assert len(res.rollbacks) == 1
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.2])  # each halved, not set to group 0's
