@@ -26,6 +26,7 @@ CSV_COLUMNS = ("split", "seed", "rank", "bits", "snapshot_every", "mechanism", "
                "lora_pattern")
 TARGET_PP = -1.0
 TARGET_RATIO = 100.0
+PLOT_FLOOR_PP = -12.0  # the plot's lowest y (pp): means below it are marked on the edge
 # The report's table shapes: which trial parameter leads each one.
 SHAPES = (("model", "Table 3 (by model)"), ("lora_pattern", "Table 8 (by target layers)"),
           ("split", "Table 9 (by split)"), ("rank", "Tables 12 and 14 (by rank)"))
@@ -160,6 +161,7 @@ def plot(rows: list[dict], path: str, title: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     agg = [a for a in aggregate(rows) if a["n"] and a["ratio"]]
     settings = list(dict.fromkeys(a["setting"] for a in agg))
@@ -167,14 +169,29 @@ def plot(rows: list[dict], path: str, title: str) -> str:
     markers = "o^sDvP*X<>"
     colours = plt.get_cmap("tab20" if len(settings) > 10 else "tab10")
     fig, ax = plt.subplots(figsize=(10, 5.5))
+    # the y window shows the region that matters: a diverged setting (−30 pp) would squash it;
+    # points below the window are drawn on its lower edge as ▼ and counted in the caption
+    lo = max(PLOT_FLOOR_PP, min(a["diff_pp"] for a in agg) - 1) if agg else TARGET_PP - 1
+    hi = max(2.0, max((a["diff_pp"] for a in agg), default=0) + 1)
+    below = 0
     for a in agg:
         i, j = settings.index(a["setting"]), splits.index(a["split"])
+        colour = colours(i % colours.N)
+        if a["diff_pp"] < lo:
+            below += 1
+            ax.plot(a["ratio"], lo, marker="v", color=colour, ms=7, clip_on=False)
+            continue
         ax.errorbar(a["ratio"], a["diff_pp"], yerr=a["ci_pp"] or 0, fmt=markers[j % len(markers)],
-                    color=colours(i % colours.N), ms=6, capsize=2, lw=0.8)
+                    color=colour, ms=6, capsize=2, lw=0.8)
+    ax.set_ylim(lo, hi)
     ax.axhline(TARGET_PP, color="grey", ls="--", lw=1)
     ax.axvline(TARGET_RATIO, color="grey", ls="--", lw=1)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2468" else ""))
+    if below:
+        title += f"  (▼: {below} mean(s) below {lo:.0f} pp)"
     ax.set_xlabel("compression ratio (×, log scale; mean over seeds)")
     ax.set_ylabel("restored − full accuracy (pp; mean, 95 % bars)")
     ax.set_title(title, fontsize=10)
