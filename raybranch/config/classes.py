@@ -37,7 +37,7 @@ class ExperimentConfig:
     branch_point_target: float = 0.75  # validation accuracy of the branch point
     branch_point_max_epochs: int = 40
     lr: float = 0.05                   # plain SGD (report: SGD, lr 0.08, batch 128 on MNIST)
-    lora_lr: float = 0.1               # SGD lr of the factors A (and B: × lora_b_ratio) of the Delta-LoRA models
+    lora_lr: float | None = None       # SGD lr of the factors A (and B: × lora_b_ratio) of the Delta-LoRA models (None: the model's default)
     batch_size: int = 32
     epochs: int = 30                   # per slice, at most
     patience: int = 6                  # epochs without a better validation accuracy (0: no early stopping)
@@ -58,11 +58,11 @@ class ExperimentConfig:
     snapshot_every: int | None = None  # deltas between exact key frames (None: the Checkpointer's default)
     segment_size: int = 0              # > 0: compact pages of that many commits (0: group commits, written once)
     flush_every: int = 64              # steps per group commit: what a killed worker may have to train again
-    # Delta-LoRA knobs (docs/DELTA_LORA.md). A config file or override that leaves one out gets
-    # its model's default from raybranch/config/lora_defaults.yaml (:mod:`.lora_defaults`).
-    lora_pattern: str = "classifier"   # a preset of raybranch.lora.PRESETS (classifier, linear, conv, all, vit-*) or a regex
-    lora_rank: int = 8
-    lora_scale: float = 0.5            # s in h = W x + s·B A x, unless lora_alpha is set
+    # Delta-LoRA knobs (docs/DELTA_LORA.md). A config file or override that leaves one out, and a
+    # None here, gets its model's default from raybranch/config/lora_defaults.yaml (:mod:`.lora_defaults`).
+    lora_pattern: str | None = None    # a preset of raybranch.lora.PRESETS (classifier, linear, conv, all, vit-*) or a regex
+    lora_rank: int | None = None
+    lora_scale: float | None = None    # s in h = W x + s·B A x, unless lora_alpha is set
     lora_alpha: float | None = None    # s = α/r (peft), or α/√r with lora_rslora (rsLoRA)
     lora_rslora: bool = False
     lora_lam: float = 1.0              # λ in W ← W + λ·s·(B'A' − BA)
@@ -70,10 +70,19 @@ class ExperimentConfig:
     lora_b_ratio: float = 1.0          # LoRA+: B's lr = lora_b_ratio × lora_lr
     lora_dense_lr: float | None = None # lr of the parameters with no adapter (None: lora_lr)
     lora_train_bias: bool = False      # the adapted layers' biases train (at lora_dense_lr) or stay frozen
-    lora_min_saving: float = 1.0       # adapt a matched layer only if its factors hold this many times fewer numbers than W
+    lora_min_saving: float | None = None  # adapt a matched layer only if its factors hold this many times fewer numbers than W
     lora_clip: float | None = None     # clip a Delta-LoRA model's gradient norm to this before each step (None: no clipping)
     lora_merge: str = "none"           # none | slice-end (merge & re-initialise A, B)
     compare_lora_merge: bool = False   # also run main with the other merge policy, record both
+
+    def __post_init__(self) -> None:
+        """Delta-LoRA keys left None take the model's defaults (:mod:`.lora_defaults`), so a config
+        built in code trains like one read from a file; run.json then records the values."""
+        from .lora_defaults import model_defaults
+
+        for key, value in model_defaults(self.model).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def checkpointer_kwargs(self) -> dict:
         """The Checkpointer settings every branch of the experiment uses."""

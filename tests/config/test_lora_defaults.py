@@ -36,6 +36,15 @@ def test_branches_config_gets_its_models_defaults(model):
     assert ExperimentConfig.from_dict(cfg.as_dict()) == cfg
 
 
+def test_configs_built_in_code_get_them_too():
+    assert ExperimentConfig().lora_lr == model_defaults("lenet5")["lora_lr"]  # the demo's config
+    cfg = ExperimentConfig(model="alexnet-small", lora_rank=16)
+    assert cfg.lora_pattern == model_defaults("alexnet-small")["lora_pattern"] and cfg.lora_rank == 16
+    unset = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name.startswith("lora_") and f.default is None
+             and f.name not in ("lora_alpha", "lora_dense_lr", "lora_clip")]
+    assert set(unset) <= set(load_defaults()["*"])  # every key left None has a default for every model
+
+
 def test_sweep_trials_resolve_defaults_per_model():
     sweep = load_sweep_config("jobs/configs/sweep-quick.yaml", ["mechanisms=[lc+dlora]", "grid={model: [lenet5, alexnet-small]}"])
     cfgs = {c.model: c for c in (trial_config(dict(sweep.experiment), p, "q") for p in trial_grid(sweep))}
