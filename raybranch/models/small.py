@@ -25,6 +25,18 @@ def _check_size(name: str, side: int, image_size: int) -> None:
         raise ModelConfigError(f"{name}: image_size={image_size} is too small (feature map shrinks to {side} px)")
 
 
+def he_init(model: nn.Module) -> None:
+    """torchvision's VGG init for ReLU nets without BatchNorm: He (fan-out) for convolutions,
+    N(0, 0.01) for fully connected layers, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 class LeNet5(nn.Module):
     """Classic LeNet-5 with ReLU.
 
@@ -106,13 +118,7 @@ class AlexNetSmall(nn.Module):
             nn.Dropout(0.5), nn.Linear(1024, 1024), nn.ReLU(inplace=True),
             nn.Linear(1024, num_classes),
         )
-        for m in self.modules():  # He init (torchvision's for AlexNet-like ReLU nets without BatchNorm)
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -147,13 +153,7 @@ class VGG16Small(nn.Module):
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(512, num_classes),
         )
-        for m in self.modules():  # VGG's init (torchvision): He for convs, N(0, 0.01) for fcs
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self)  # VGG's init (torchvision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
