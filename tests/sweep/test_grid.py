@@ -38,7 +38,7 @@ def test_seeds_grid_and_settings_multiply_out():
 def test_shipped_delta_lora_sweep_is_the_size_it_says():
     sweep = load_sweep_config("jobs/configs/sweep-dlora.yaml")
     grid = trial_grid(sweep)
-    assert len(grid) == 3 * 2 * 2 * 2 * 4 * 3  # ranks × lrs × B ratios × inits × splits × seeds (its header: 288)
+    assert len(grid) == 3 * 3 * 2 * 2 * 4 * 3  # ranks × lrs × B ratios × inits × splits × seeds (its header: 432)
     assert sweep.scheduler == "asha" and sweep.base_experiment().slice_end == "lossy"
     assert len({full_key(p) for p in grid}) == 12
     assert max(len(trial_config(dict(sweep.experiment), p, sweep.name).name) for p in grid) <= 128
