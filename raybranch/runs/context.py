@@ -107,9 +107,9 @@ class RunContext:
             deltas.update({f"{n}.in_proj": mod.in_proj_weight.detach() - start[n].in_proj_weight.detach()
                            for n, mod in m.named_modules() if isinstance(mod, nn.MultiheadAttention)})
         inject_delta_lora(m, cfg.lora_pattern, rank=cfg.lora_rank, scale=cfg.lora_s(), lam=cfg.lora_lam,
-                                  init="svd" if svd else "lora", deltas=deltas, train_bias=cfg.lora_train_bias,
-                                  generator=torch.Generator().manual_seed(cfg.seed + 1), min_saving=cfg.lora_min_saving,
-                                  keep_function=True)
+                          init="svd" if svd else "lora", deltas=deltas, train_bias=cfg.lora_train_bias,
+                          generator=torch.Generator().manual_seed(cfg.seed + 1), min_saving=cfg.lora_min_saving,
+                          keep_function=True)
         return m
 
     def template(self) -> nn.Module:
